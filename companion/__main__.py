@@ -1,0 +1,206 @@
+"""Command line: argv → settings → logging → one asyncio.run(...).
+
+    companion run                         the daemon
+    companion chat "text" [--speak x.wav] one text turn through the real LLM
+    companion say "text" [--out x.wav]    TTS only (speaker, or a WAV file)
+    companion check                       loads every model, looks at devices and settings
+    companion simulate --input in.wav --output out.wav [--events ev.jsonl] [--fast]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import structlog
+
+from companion import check as check_mod
+from companion.app import VERSION, Features, build_app, install_signal_handlers
+from companion.devices.audio import AudioFileError, WavFileSink, WavFileSource
+from companion.log import configure_logging
+from companion.models import ModelMissingError
+from companion.settings import CompanionSettings, describe_validation_error, load_settings
+
+log = structlog.get_logger("companion")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="companion", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="TOML settings file")
+    parser.add_argument("--debug", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"companion {VERSION}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the daemon")
+    chat = sub.add_parser("chat", help="one text turn through the LLM")
+    chat.add_argument("text")
+    chat.add_argument("--speak", type=Path, metavar="WAV", help="also synthesize the reply")
+    chat.add_argument("--conversation", help="continue this conversation id")
+    say = sub.add_parser("say", help="speak text (TTS only)")
+    say.add_argument("text")
+    say.add_argument("--out", type=Path, metavar="WAV", help="write a WAV instead of playing")
+    say.add_argument("--persona", help="speak in this persona's voice")
+    check = sub.add_parser("check", help="verify models, devices and settings")
+    check.add_argument("--skip", default="", help="comma list of checks to skip: audio,gpio")
+    sim = sub.add_parser("simulate", help="run the voice loop on a WAV file")
+    sim.add_argument("--input", type=Path, required=True, help="microphone WAV")
+    sim.add_argument("--output", type=Path, required=True, help="speaker WAV to write")
+    sim.add_argument("--events", type=Path, help="write events as JSON lines here")
+    sim.add_argument("--fast", action="store_true", help="as fast as possible, not real time")
+    sim.add_argument("--no-wake", action="store_true",
+                     help="start listening at once, as if the button was pressed")
+    sim.add_argument("--data-dir", type=Path, help="keep the store here (default: temporary)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        overrides = {"log_level": "debug"} if args.debug else {}
+        settings = load_settings(args.config, **overrides)
+    except FileNotFoundError as exc:
+        print(f"companion: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as exc:  # pydantic ValidationError or a TOML syntax error
+        print(f"companion: invalid settings: {describe_validation_error(exc)}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_level, settings.log_format)
+    commands = {"run": cmd_run, "chat": cmd_chat, "say": cmd_say, "check": cmd_check,
+                "simulate": cmd_simulate}
+    try:
+        return asyncio.run(commands[args.command](settings, args))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except (ModelMissingError, AudioFileError) as exc:
+        print(f"companion: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+async def cmd_run(settings: CompanionSettings, args: argparse.Namespace) -> int:
+    if not settings.api.is_loopback and not settings.api.keys:
+        print(f"companion: api.host is {settings.api.host} (not loopback) but api.keys is empty;"
+              " refusing to serve an open API", file=sys.stderr)
+        return EXIT_CONFIG
+    app = build_app(settings)
+    task = asyncio.current_task()
+    assert task is not None
+    install_signal_handlers(app, task)
+    log.info("companion starting", version=VERSION, device_id=settings.device_id,
+             data_dir=str(settings.data_dir))
+    try:
+        await app.run()
+    except asyncio.CancelledError:
+        log.info("companion stopping")
+    finally:
+        await app.aclose()
+    return EXIT_OK
+
+
+async def cmd_chat(settings: CompanionSettings, args: argparse.Namespace) -> int:
+    sink = WavFileSink(args.speak) if args.speak else None
+    app = build_app(settings, sink=sink, features=Features(
+        audio_devices=False, voice_loop=False, http=False, control=False, gpio=False))
+    try:
+        await app.start()
+        kwargs = {"session_id": args.conversation} if args.conversation else {"new_session": True}
+        reply = await app.conversation.reply_text(args.text, source="cli", **kwargs)
+        print(reply.text)
+        print(json.dumps({"conversation_id": reply.session_id, "persona_id": reply.persona_id,
+                          "tokens": reply.stats.total_tokens,
+                          "latency_ms": round(reply.latency_ms, 1)}), file=sys.stderr)
+        if sink is not None:
+            voice = app.conversation.active_persona.voice_config.params()
+            await app.speech.say(reply.text, voice)
+    finally:
+        if sink is not None:
+            sink.close()
+        await app.aclose()
+    return EXIT_OK
+
+
+async def cmd_say(settings: CompanionSettings, args: argparse.Namespace) -> int:
+    sink = WavFileSink(args.out) if args.out else None
+    app = build_app(settings, sink=sink, llm=_NoLlm(), features=Features(
+        voice_loop=False, http=False, control=False, gpio=False, audio_devices=sink is None))
+    try:
+        await app.start()
+        persona = app.personas.get(args.persona) if args.persona else app.conversation.active_persona
+        if persona is None:
+            print(f"companion: unknown persona {args.persona!r}", file=sys.stderr)
+            return EXIT_FAILED
+        await app.speech.say(args.text, persona.voice_config.params())
+    finally:
+        if sink is not None:
+            sink.close()
+        await app.aclose()
+    return EXIT_OK
+
+
+async def cmd_check(settings: CompanionSettings, args: argparse.Namespace) -> int:
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    report = await check_mod.run_checks(settings, skip=skip)
+    print(report.render())
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+async def cmd_simulate(settings: CompanionSettings, args: argparse.Namespace) -> int:
+    source = WavFileSource(args.input, realtime=not args.fast, block_ms=settings.audio.block_ms)
+    sink = WavFileSink(args.output, realtime=not args.fast)
+    with tempfile.TemporaryDirectory(prefix="companion-sim-") as tmp:
+        data_dir = args.data_dir or Path(tmp)
+        settings = settings.model_copy(update={"data_dir": data_dir})
+        app = build_app(settings, source=source, sink=sink, features=Features(
+            audio_devices=False, http=False, control=False, gpio=False, warm_personas=False))
+        events_file = args.events.open("w") if args.events else None
+        if events_file is not None:
+            app.bus.add_callback(lambda e: events_file.write(json.dumps(e.as_dict()) + "\n"))
+        try:
+            await app.start()
+            assert app.voice is not None
+            await app.conversation.warm_personas()  # as the daemon does at start
+            if args.no_wake:
+                app.voice.start_turn(trigger="button")
+            await app.voice.run()
+            await app.voice.wait_idle()
+        finally:
+            sink.close()
+            if events_file is not None:
+                events_file.close()
+            await app.aclose()
+    turns = list(app.status.recent_turns)
+    print(json.dumps({"turns": [t.as_dict() for t in turns], "output": str(args.output),
+                      "output_audio_s": round(sink.played_s, 3)}, indent=2))
+    return EXIT_OK
+
+
+class _NoLlm:
+    """`companion say` needs no language model; this stands in its place so none is loaded."""
+
+    model_name = "(not loaded)"
+    context_length = 0
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    async def stream(self, messages, params, stats=None):
+        raise RuntimeError("companion say does not load the language model")
+        yield ""  # pragma: no cover
+
+    def has_prefix(self, key: str) -> bool:
+        return False
+
+    async def warm_prefix(self, key, messages) -> None:
+        return None
+
+    def load_prefix(self, key: str) -> bool:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Wiring: the ONLY module that picks implementations.
+
+``build_app(settings, **overrides)`` returns an ``App`` whose missing parts are built from
+settings when it starts: the real models, devices, HTTP API and control link. Tests pass fakes
+as keyword arguments. ``App.run()`` supervises everything in one TaskGroup: when one long-lived
+task fails, all are cancelled and systemd restarts the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import structlog
+
+from companion.conversation import ConversationManager
+from companion.devices.audio import AudioSink, AudioSource, AudioUnavailableError
+from companion.events import EventBus, EventType
+from companion.models import ModelRegistry
+from companion.personas import PersonaLibrary
+from companion.pipeline import IntentHandler, VoiceLoop
+from companion.settings import CompanionSettings
+from companion.speech import SpeechOutput
+from companion.stages.llm import ChatModel
+from companion.stages.stt import Transcriber
+from companion.stages.tts import Synthesizer
+from companion.stages.vad import SpeechClassifier
+from companion.stages.wake import WakeDetector
+from companion.state import DeviceStatus
+from companion.store import Store
+
+log = structlog.get_logger(__name__)
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class Parts:
+    """Everything that can be injected; ``None`` = build the real one from settings."""
+
+    source: AudioSource | None = None
+    sink: AudioSink | None = None
+    wake: WakeDetector | None = None
+    vad: SpeechClassifier | None = None
+    stt: Transcriber | None = None
+    llm: ChatModel | None = None
+    tts: Synthesizer | None = None
+    store: Store | None = None
+    intent_handler: IntentHandler | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Features:
+    """Which long-lived services ``run()`` starts; simulate and chat turn most of them off."""
+
+    audio_devices: bool = True  # open sounddevice when no source/sink is injected
+    voice_loop: bool = True
+    http: bool = True
+    control: bool = True
+    gpio: bool = True
+    warm_personas: bool = True
+
+
+class App:
+    def __init__(self, settings: CompanionSettings, parts: Parts, features: Features) -> None:
+        self.settings = settings
+        self.parts = parts
+        self.features = features
+        self.bus = EventBus()
+        self.status = DeviceStatus(self.bus, settings.device_id,
+                                   volume=settings.audio.output_volume)
+        self.registry = ModelRegistry(settings.models_dir)
+        self.store = parts.store or Store(settings.db_path)
+        self.ready = asyncio.Event()
+        self.load_error: str | None = None
+        # built by start()
+        self.personas: PersonaLibrary
+        self.conversation: ConversationManager
+        self.speech: SpeechOutput
+        self.voice: VoiceLoop | None = None
+        self.extensions: dict[str, Any] = dict(parts.extra)
+        self._tasks: list[asyncio.Task] = []
+
+    # --- start-up ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load models (in threads: the loop keeps serving /health meanwhile) and wire the
+        pipeline. A model that fails is reported on its component and in /ready."""
+        p, s = self.parts, self.settings
+        await self._load("tts", lambda: p.tts or _real_tts(s, self.registry), attr="tts")
+        self.personas = PersonaLibrary(s.personas.dir, voice_exists=self.tts.has_voice)
+        errors = self.personas.load()
+        for error in errors:
+            log.warning("persona file rejected", error=str(error))
+        await self._load("llm", lambda: p.llm or _real_llm(s, self.registry), attr="llm")
+        self.conversation = ConversationManager(
+            llm=self.llm, store=self.store, personas=self.personas, settings=s.llm, bus=self.bus,
+            default_persona=s.personas.default,
+        )
+        sink = p.sink
+        if sink is None and self.features.audio_devices:
+            sink = self._open_audio("audio_out", lambda: _real_sink(s))
+        elif sink is not None:
+            self.status.set_component("audio_out", True, sink.name)
+        self.sink = sink
+        self.speech = SpeechOutput(self.tts, sink, self.bus,
+                                   sentence_silence_s=s.tts.sentence_silence_s)
+        if self.features.voice_loop:
+            await self._start_voice(p, s)
+        self.status.set_component("storage", True, str(self.store.path))
+        self.ready.set()
+        self.bus.emit(EventType.STATE_CHANGED, state=str(self.status.pipeline_state),
+                      previous=str(self.status.pipeline_state))
+
+    async def _start_voice(self, p: Parts, s: CompanionSettings) -> None:
+        source = p.source
+        if source is None and self.features.audio_devices:
+            source = self._open_audio("audio_in", lambda: _real_source(s))
+        elif source is not None:
+            self.status.set_component("audio_in", True, source.name)
+        if source is None:
+            log.warning("no microphone: the voice loop is off; the HTTP API, chat and the "
+                        "control link keep working")
+            return
+        await self._load("stt", lambda: p.stt or _real_stt(s, self.registry), attr="stt")
+        await self._load("vad", lambda: p.vad or _real_vad(s), attr="vad")
+        if s.wake.enabled:
+            await self._load("wake_word", lambda: p.wake or _real_wake(s, self.registry),
+                             attr="wake")
+        else:
+            self.wake = None
+        self.voice = VoiceLoop(
+            settings=s, bus=self.bus, status=self.status, source=source, wake=self.wake,
+            vad=self.vad, stt=self.stt, conversation=self.conversation, speech=self.speech,
+            intent_handler=p.intent_handler,
+        )
+
+    async def _load(self, component: str, build, *, attr: str) -> Any:
+        started = time.perf_counter()
+        try:
+            value = await asyncio.to_thread(build)
+        except Exception as exc:
+            self.status.set_component(component, False, str(exc))
+            self.load_error = f"{component}: {exc}"
+            log.error("component failed to load", component=component, error=str(exc))
+            raise
+        took = (time.perf_counter() - started) * 1000
+        name = getattr(value, "model_name", None) or type(value).__name__
+        self.status.set_component(component, True, str(name), latency_ms=round(took, 1))
+        setattr(self, attr, value)
+        log.info("component ready", component=component, detail=name, load_ms=round(took, 1))
+        return value
+
+    def _open_audio(self, component: str, build):
+        try:
+            device = build()
+        except AudioUnavailableError as exc:
+            self.status.set_component(component, False, str(exc))
+            log.warning("audio device unavailable", component=component, error=str(exc))
+            return None
+        self.status.set_component(component, True, device.name)
+        return device
+
+    # --- running ------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The daemon: serve until cancelled (SIGTERM) or a service fails."""
+        from companion import systemd
+
+        async with asyncio.TaskGroup() as group:
+            if self.features.http:
+                from companion.api.http import serve_http
+
+                group.create_task(serve_http(self), name="http")
+            try:
+                await self.start()
+            except Exception:
+                # degraded: /health answers, /ready says what failed, `companion check` explains
+                log.error("start-up incomplete; serving health and readiness only",
+                          error=self.load_error)
+                group.create_task(systemd.supervise(self), name="systemd")
+                return
+            if self.features.warm_personas:
+                group.create_task(self.conversation.warm_personas(), name="warm-personas")
+            if self.voice is not None:
+                group.create_task(self.voice.run(), name="voice-loop")
+            if self.features.gpio and self.settings.gpio.enabled:
+                self._start_gpio()
+            if self.features.control and self.settings.control_plane.enabled:
+                from companion.control.client import run_control_link
+
+                group.create_task(run_control_link(self), name="control-link")
+            group.create_task(systemd.supervise(self), name="systemd")
+            group.create_task(self._housekeeping(), name="housekeeping")
+
+    def _start_gpio(self) -> None:
+        from companion.devices.gpio import ButtonActions, Buttons, LedIndicator, make_gpio
+
+        try:
+            led = make_gpio(self.settings.gpio)
+            if led is not None:
+                self.extensions["led"] = LedIndicator(
+                    led, self.bus, lambda: self.conversation.active_persona.led_color)
+            self.extensions["buttons"] = Buttons(
+                self.settings.gpio, ButtonActions(talk=self.on_talk_button,
+                                                  mute=self.on_mute_button),
+                self.bus, asyncio.get_running_loop())
+            self.status.set_component("gpio", True, "buttons and LED")
+        except Exception as exc:  # no GPIO chip on this machine
+            self.status.set_component("gpio", False, f"no GPIO: {exc}")
+            log.warning("GPIO unavailable; buttons and LEDs are off", error=str(exc))
+
+    def on_talk_button(self, kind: str) -> None:
+        if self.voice is None:
+            return
+        if kind == "short":
+            if self.voice.busy or self.speech.speaking:
+                self.voice.barge_in()
+            else:
+                self.voice.start_turn(trigger="button")
+        elif kind == "long":
+            self.voice.barge_in()
+
+    def on_mute_button(self, kind: str) -> None:
+        if self.voice is not None:
+            self.voice.set_muted(not self.status.muted)
+        else:
+            self.status.muted = not self.status.muted
+
+    async def _housekeeping(self) -> None:
+        """Expire old sessions now and then (storage.retention_days)."""
+        days = self.settings.storage.retention_days
+        while True:
+            if days:
+                keep = {self.conversation.active_session_id} - {None}
+                removed = await self.store.run(self.store.expire_sessions, days * 86400.0, keep=keep)
+                if removed:
+                    log.info("expired sessions", count=removed)
+            await asyncio.sleep(3600)
+
+    def reload_personas(self) -> list[str]:
+        errors = self.personas.load()
+        self.conversation.active_persona  # noqa: B018  falls back if the active one vanished
+        return [str(e) for e in errors]
+
+    async def aclose(self) -> None:
+        for name in ("buttons", "led"):
+            part = self.extensions.get(name)
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.close()
+        close = getattr(self.sink, "close", None)
+        if close is not None:
+            close()
+        self.store.close()
+
+
+def build_app(settings: CompanionSettings, *, features: Features | None = None,
+              **overrides: Any) -> App:
+    names = {f.name for f in fields(Parts)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise TypeError(f"unknown parts: {sorted(unknown)}")
+    return App(settings, Parts(**overrides), features or Features())
+
+
+def install_signal_handlers(app: App, main_task: asyncio.Task) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, main_task.cancel)
+
+    def reload() -> None:
+        errors = app.reload_personas()
+        log.info("personas reloaded", errors=errors)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+
+
+# --- the real implementations -------------------------------------------------------------------
+
+
+def _real_tts(s: CompanionSettings, registry: ModelRegistry) -> Synthesizer:
+    from companion.stages.tts import PiperSynthesizer
+
+    return PiperSynthesizer(s.tts, registry)
+
+
+def _real_llm(s: CompanionSettings, registry: ModelRegistry) -> ChatModel:
+    from companion.stages.llm import LlamaCppChatModel
+
+    return LlamaCppChatModel(s.llm, registry)
+
+
+def _real_stt(s: CompanionSettings, registry: ModelRegistry) -> Transcriber:
+    from companion.stages.stt import FasterWhisperTranscriber
+
+    return FasterWhisperTranscriber(s.stt, registry)
+
+
+def _real_vad(s: CompanionSettings) -> SpeechClassifier:
+    from companion.stages.vad import WebRtcVad
+
+    return WebRtcVad(s.vad.aggressiveness)
+
+
+def _real_wake(s: CompanionSettings, registry: ModelRegistry) -> WakeDetector:
+    from companion.stages.wake import OpenWakeWordDetector
+
+    return OpenWakeWordDetector(s.wake, registry)
+
+
+def _real_source(s: CompanionSettings) -> AudioSource:
+    from companion.devices.audio import SoundDeviceSource
+
+    return SoundDeviceSource(s.audio.input_device, block_ms=s.audio.block_ms,
+                             queue_blocks=s.audio.queue_blocks)
+
+
+def _real_sink(s: CompanionSettings) -> AudioSink:
+    from companion.devices.audio import SoundDeviceSink
+
+    return SoundDeviceSink(s.audio.output_device, volume=s.audio.output_volume)

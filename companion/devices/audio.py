@@ -1,0 +1,302 @@
+"""Audio in and out: sounddevice for real devices, WAV files for simulation.
+
+Capture runs in PortAudio's thread; each block is handed to the event loop with
+``call_soon_threadsafe`` into a bounded queue, and dropped (and counted) when the queue is full,
+so a busy loop never stalls the microphone. Devices are chosen by name, never by index; a device
+whose rate is not 16 kHz is resampled with soxr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import wave
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import structlog
+
+from companion.stages.tts import AudioClip
+
+log = structlog.get_logger(__name__)
+
+PIPELINE_RATE = 16000
+
+
+class AudioUnavailableError(RuntimeError):
+    """No usable sound device (or the named one is missing)."""
+
+
+class AudioFileError(ValueError):
+    """A WAV file that cannot be read or converted."""
+
+
+class AudioSource(Protocol):
+    name: str
+    dropped_blocks: int
+    last_block_at: float  # monotonic time of the newest block; the watchdog looks at it
+
+    def blocks(self) -> AsyncIterator[bytes]:
+        """16 kHz 16-bit mono blocks until the source ends (a file) or forever (a device)."""
+        ...
+
+
+class AudioSink(Protocol):
+    name: str
+    volume: float
+
+    async def play(self, clip: AudioClip) -> None:
+        """Return when ``clip`` has been played; cancelling stops it within a block."""
+        ...
+
+
+def resample(pcm: bytes, from_rate: int, to_rate: int) -> bytes:
+    if from_rate == to_rate or not pcm:
+        return pcm
+    import soxr
+
+    samples = np.frombuffer(pcm, dtype=np.int16)
+    return soxr.resample(samples, from_rate, to_rate).astype(np.int16).tobytes()
+
+
+def apply_volume(pcm: bytes, volume: float) -> bytes:
+    if volume >= 0.999:
+        return pcm
+    samples = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) * volume
+    return samples.astype(np.int16).tobytes()
+
+
+# --- real devices ---------------------------------------------------------------------------
+
+
+def find_device(name: str | None, kind: str) -> tuple[int | None, dict]:
+    """The device index for a name (case-insensitive substring) that has ``kind`` channels.
+    ``None`` picks the system default. Raises AudioUnavailableError with the names it knows."""
+    import sounddevice as sd
+
+    channels_key = "max_input_channels" if kind == "input" else "max_output_channels"
+    try:
+        devices = list(sd.query_devices())
+    except Exception as exc:  # PortAudio could not start at all
+        raise AudioUnavailableError(f"no audio system: {exc}") from exc
+    usable = [(i, d) for i, d in enumerate(devices) if d[channels_key] > 0]
+    if not usable:
+        raise AudioUnavailableError(f"no {kind} audio device found")
+    if name is None:
+        try:
+            default = sd.query_devices(kind=kind)
+        except Exception as exc:
+            raise AudioUnavailableError(f"no default {kind} device: {exc}") from exc
+        index = next((i for i, d in usable if d["name"] == default["name"]), usable[0][0])
+        return None, dict(default) | {"index": index}
+    for i, d in usable:
+        if name.lower() in d["name"].lower():
+            return i, dict(d) | {"index": i}
+    names = ", ".join(repr(d["name"]) for _, d in usable)
+    raise AudioUnavailableError(f"{kind} device {name!r} not found; available: {names}")
+
+
+class SoundDeviceSource:
+    def __init__(self, device: str | None, *, block_ms: int = 30, queue_blocks: int = 200) -> None:
+        self.device_index, info = find_device(device, "input")
+        self.name = str(info["name"])
+        self.block_ms = block_ms
+        self.queue_blocks = queue_blocks
+        self.dropped_blocks = 0
+        self.last_block_at = time.monotonic()
+        self.device_rate = PIPELINE_RATE
+
+    async def blocks(self) -> AsyncIterator[bytes]:
+        import sounddevice as sd
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[bytes | Exception] = asyncio.Queue(self.queue_blocks)
+
+        def enqueue(block: bytes) -> None:
+            if queue.full():
+                self.dropped_blocks += 1
+                return
+            queue.put_nowait(block)
+
+        def callback(indata, frames, time_info, status) -> None:  # PortAudio's thread
+            loop.call_soon_threadsafe(enqueue, bytes(indata))
+
+        stream = self._open(sd, callback)
+        resampler = None
+        if self.device_rate != PIPELINE_RATE:
+            import soxr
+
+            resampler = soxr.ResampleStream(self.device_rate, PIPELINE_RATE, 1, dtype="int16")
+        log.info("microphone open", device=self.name, rate=self.device_rate)
+        with stream:
+            while True:
+                block = await queue.get()
+                self.last_block_at = time.monotonic()
+                if resampler is not None:
+                    block = resampler.resample_chunk(np.frombuffer(block, np.int16)).tobytes()
+                yield block
+
+    def _open(self, sd, callback):
+        for rate in (PIPELINE_RATE, None):
+            try:
+                if rate is None:
+                    rate = int(sd.query_devices(self.device_index, "input")["default_samplerate"])
+                stream = sd.RawInputStream(
+                    samplerate=rate, blocksize=rate * self.block_ms // 1000,
+                    device=self.device_index, channels=1, dtype="int16", callback=callback,
+                )
+                self.device_rate = rate
+                return stream
+            except sd.PortAudioError as exc:
+                last = exc
+        raise AudioUnavailableError(f"cannot open microphone {self.name!r}: {last}")
+
+
+class SoundDeviceSink:
+    """One output stream kept open (opening one per reply costs first-audio latency)."""
+
+    BLOCK_S = 0.05
+
+    def __init__(self, device: str | None, *, volume: float = 0.8) -> None:
+        self.device_index, info = find_device(device, "output")
+        self.name = str(info["name"])
+        self.volume = volume
+        self._stream = None
+        self._rate = 0
+
+    def _ensure_stream(self, rate: int):
+        import sounddevice as sd
+
+        if self._stream is not None and self._rate == rate:
+            return self._stream
+        self.close()
+        try:
+            self._stream = sd.RawOutputStream(
+                samplerate=rate, device=self.device_index, channels=1, dtype="int16"
+            )
+        except sd.PortAudioError:
+            rate = int(sd.query_devices(self.device_index, "output")["default_samplerate"])
+            self._stream = sd.RawOutputStream(
+                samplerate=rate, device=self.device_index, channels=1, dtype="int16"
+            )
+        self._rate = rate
+        self._stream.start()
+        return self._stream
+
+    async def play(self, clip: AudioClip) -> None:
+        stream = await asyncio.to_thread(self._ensure_stream, clip.sample_rate)
+        pcm = resample(clip.pcm, clip.sample_rate, self._rate)
+        block = 2 * int(self._rate * self.BLOCK_S)
+        try:
+            for start in range(0, len(pcm), block):
+                piece = apply_volume(pcm[start : start + block], self.volume)
+                await asyncio.to_thread(stream.write, piece)
+        except asyncio.CancelledError:
+            await asyncio.to_thread(self._drop_buffered)
+            raise
+
+    def _drop_buffered(self) -> None:
+        if self._stream is not None:
+            self._stream.abort()
+            self._stream.start()
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+
+# --- simulation: WAV files ------------------------------------------------------------------
+
+
+def read_wav_16k_mono(path: Path) -> bytes:
+    """The file as 16 kHz 16-bit mono PCM, converted when it is another rate or has more
+    channels; AudioFileError when it is not a readable PCM WAV."""
+    try:
+        with wave.open(str(path), "rb") as wav:
+            channels, width, rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()
+            raw = wav.readframes(wav.getnframes())
+    except FileNotFoundError as exc:
+        raise AudioFileError(f"{path}: no such file") from exc
+    except (wave.Error, EOFError, OSError) as exc:
+        raise AudioFileError(f"{path}: not a readable PCM WAV file ({exc})") from exc
+    if width == 2:
+        samples = np.frombuffer(raw, dtype="<i2").astype(np.float32)
+    elif width == 1:
+        samples = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128) * 256
+    elif width == 4:
+        samples = np.frombuffer(raw, dtype="<i4").astype(np.float32) / 65536
+    elif width == 3:
+        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3)
+        ints = (b[:, 0].astype(np.int32) | (b[:, 1].astype(np.int32) << 8)
+                | (b[:, 2].astype(np.int32) << 16))
+        samples = (np.where(ints >= 1 << 23, ints - (1 << 24), ints) / 256).astype(np.float32)
+    else:
+        raise AudioFileError(f"{path}: unsupported sample width {width * 8} bits")
+    if channels > 1:
+        samples = samples.reshape(-1, channels).mean(axis=1)
+    pcm = np.clip(samples, -32768, 32767).astype(np.int16).tobytes()
+    return resample(pcm, rate, PIPELINE_RATE)
+
+
+class WavFileSource:
+    """A WAV file as the microphone: paced in real time, or as fast as the pipeline takes it."""
+
+    def __init__(self, path: Path, *, block_ms: int = 30, realtime: bool = True,
+                 tail_silence_s: float = 1.0) -> None:
+        pcm = read_wav_16k_mono(path)
+        self.name = f"wav:{path.name}"
+        self._pcm = pcm + bytes(2 * int(tail_silence_s * PIPELINE_RATE))
+        self._block = 2 * PIPELINE_RATE * block_ms // 1000
+        self.realtime = realtime
+        self.dropped_blocks = 0
+        self.last_block_at = time.monotonic()
+        self.duration_s = len(self._pcm) / 2 / PIPELINE_RATE
+
+    async def blocks(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        block_s = self._block / 2 / PIPELINE_RATE
+        for n, start in enumerate(range(0, len(self._pcm), self._block)):
+            if self.realtime:
+                delay = started + n * block_s - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            else:
+                await asyncio.sleep(0)
+            self.last_block_at = time.monotonic()
+            block = self._pcm[start : start + self._block]
+            if len(block) < self._block:
+                block += bytes(self._block - len(block))
+            yield block
+
+
+class WavFileSink:
+    """The speaker as a WAV file (16-bit mono at ``sample_rate``); ``realtime`` also takes as
+    long as the audio lasts, like a real speaker."""
+
+    def __init__(self, path: Path, *, sample_rate: int = 22050, realtime: bool = False,
+                 volume: float = 1.0) -> None:
+        self.name = f"wav:{path.name}"
+        self.path = path
+        self.sample_rate = sample_rate
+        self.realtime = realtime
+        self.volume = volume
+        self.played_s = 0.0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._wav = wave.open(str(path), "wb")
+        self._wav.setnchannels(1)
+        self._wav.setsampwidth(2)
+        self._wav.setframerate(sample_rate)
+
+    async def play(self, clip: AudioClip) -> None:
+        pcm = apply_volume(resample(clip.pcm, clip.sample_rate, self.sample_rate), self.volume)
+        self._wav.writeframes(pcm)
+        self.played_s += len(pcm) / 2 / self.sample_rate
+        if self.realtime:
+            await asyncio.sleep(len(pcm) / 2 / self.sample_rate)
+
+    def close(self) -> None:
+        self._wav.close()

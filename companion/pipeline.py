@@ -1,0 +1,360 @@
+"""The voice loop: microphone → wake word → endpoint → STT → (local command | LLM) → TTS.
+
+``VoiceLoop.run()`` pumps the microphone. Blocks go to the wake detector while no turn is
+listening, and to the listening turn otherwise. A turn is one task with an id (bound to every
+log line), a timeout, and typed start/end events for each stage; a button, the wake word while
+speaking (barge-in), mute or the stop command cancel it.
+
+Latency: transcription starts speculatively as soon as the user pauses, while the endpoint is
+still waiting out its silence window; when the pause turns out to be the end of speech, the
+transcript is (nearly) ready and the LLM starts at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from companion.conversation import ConversationManager, Reply
+from companion.devices.audio import AudioSource
+from companion.events import EventBus, EventType, PipelineState
+from companion.settings import CompanionSettings, VadSettings
+from companion.speech import SpeechOutput
+from companion.stages.sentences import SentenceSplitter
+from companion.stages.stt import Transcriber, Transcript
+from companion.stages.vad import Endpointer, SegmentState, SpeechClassifier
+from companion.stages.wake import Detection, WakeDetector
+from companion.state import DeviceStatus, TurnTimings
+from companion.store import new_id
+
+log = structlog.get_logger(__name__)
+
+SPECULATIVE_STT_AFTER_S = 0.25  # pause length that starts a speculative transcription
+
+
+@dataclass(frozen=True)
+class LocalAction:
+    """What a local command handler did with an utterance: ``speak`` is said (may be empty)."""
+
+    speak: str = ""
+    name: str = ""
+
+
+IntentHandler = Callable[[str, str], Awaitable[LocalAction | None]]
+
+
+class VoiceLoop:
+    def __init__(
+        self, *, settings: CompanionSettings, bus: EventBus, status: DeviceStatus,
+        source: AudioSource | None, wake: WakeDetector | None, vad: SpeechClassifier,
+        stt: Transcriber, conversation: ConversationManager, speech: SpeechOutput,
+        intent_handler: IntentHandler | None = None,
+    ) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.status = status
+        self.source = source
+        self.wake = wake
+        self.vad = vad
+        self.stt = stt
+        self.conversation = conversation
+        self.speech = speech
+        self.intent_handler = intent_handler
+        self.turn: asyncio.Task[None] | None = None
+        self._turn_audio: asyncio.Queue[bytes | None] | None = None
+        self._turns: set[asyncio.Task[None]] = set()
+        self.source_ended = asyncio.Event()
+
+    # --- the microphone pump --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Pump the microphone until it ends (a WAV) or forever (a device)."""
+        if self.source is None:
+            raise RuntimeError("no microphone")
+        try:
+            async for block in self.source.blocks():
+                await self._route(block)
+        finally:
+            self.source_ended.set()
+            if self._turn_audio is not None:
+                self._turn_audio.put_nowait(None)
+
+    async def _route(self, block: bytes) -> None:
+        if self.status.muted:
+            return
+        if self._turn_audio is not None:
+            if self._turn_audio.full():
+                self._turn_audio.get_nowait()  # keep the newest audio
+            self._turn_audio.put_nowait(block)
+            return
+        if self.wake is None or not self.settings.wake.enabled:
+            return
+        started = time.perf_counter()
+        detection = await self.wake.process(block)
+        if detection is not None:
+            self._on_wake(detection, time.perf_counter() - started)
+
+    def _on_wake(self, detection: Detection, compute_s: float) -> None:
+        turn_id = new_id("turn")
+        self.bus.emit(EventType.WAKE_DETECTED, turn_id, word=detection.word,
+                      score=round(detection.score, 4), audio_time_s=round(detection.audio_time_s, 3))
+        log.info("wake word", word=detection.word, score=round(detection.score, 3), turn_id=turn_id)
+        if self.wake is not None:
+            self.wake.reset()  # the word's audio must not fire again after the turn
+        self.start_turn(trigger="wake", turn_id=turn_id, wake_word=detection.word,
+                        wake_compute_s=compute_s)
+
+    # --- turns ------------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self.turn is not None and not self.turn.done()
+
+    def start_turn(self, *, trigger: str, turn_id: str | None = None, wake_word: str | None = None,
+                   wake_compute_s: float | None = None, follow_up: bool = False) -> str:
+        """Start listening for an utterance (wake word, button, API). A turn already running is
+        cancelled first: pressing the button while the device speaks is barge-in."""
+        self.barge_in()
+        turn_id = turn_id or new_id("turn")
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=2000)
+        if self.source_ended.is_set():
+            queue.put_nowait(None)
+        self._turn_audio = queue
+        task = asyncio.create_task(
+            self._run_turn(turn_id, queue, trigger=trigger, wake_word=wake_word,
+                           wake_compute_s=wake_compute_s, follow_up=follow_up),
+            name=f"turn-{turn_id}",
+        )
+        self.turn = task
+        self._turns.add(task)
+        task.add_done_callback(self._turns.discard)
+        return turn_id
+
+    def barge_in(self) -> bool:
+        """Stop whatever the device is doing for the user now (speech and the turn behind it)."""
+        stopped = self.speech.stop()
+        if self.turn is not None and not self.turn.done():
+            self.turn.cancel()
+            stopped = True
+        self._turn_audio = None
+        return stopped
+
+    async def wait_idle(self) -> None:
+        """Wait until no turn (including follow-ups it starts) is running."""
+        while self._turns:
+            await asyncio.gather(*list(self._turns), return_exceptions=True)
+
+    async def _run_turn(self, turn_id: str, audio: asyncio.Queue[bytes | None], *, trigger: str,
+                        wake_word: str | None, wake_compute_s: float | None,
+                        follow_up: bool) -> None:
+        structlog.contextvars.bind_contextvars(turn_id=turn_id)
+        timings = TurnTimings(turn_id, wake_s=wake_compute_s)
+        started = time.perf_counter()
+        self.bus.emit(EventType.TURN_START, turn_id, trigger=trigger, wake_word=wake_word,
+                      follow_up=follow_up)
+        follow_up_next = False
+        try:
+            async with asyncio.timeout(self.settings.pipeline.turn_timeout_s):
+                if wake_word and not follow_up:
+                    await self._persona_for_wake_word(wake_word)
+                follow_up_next = await self._turn_body(turn_id, audio, timings, follow_up)
+            timings.total_s = time.perf_counter() - started
+            self.status.recent_turns.append(timings)
+            self.bus.emit(EventType.TURN_END, turn_id, timings=timings.as_dict())
+        except asyncio.CancelledError:
+            self.bus.emit(EventType.TURN_CANCELLED, turn_id)
+            raise
+        except TimeoutError:
+            self.bus.emit(EventType.TURN_ERROR, turn_id, code="turn-timeout",
+                          message=f"turn took longer than {self.settings.pipeline.turn_timeout_s}s")
+            log.warning("turn timed out")
+        except Exception as exc:
+            self.bus.emit(EventType.TURN_ERROR, turn_id, code=type(exc).__name__,
+                          message=str(exc))
+            log.exception("turn failed")
+            self.status.set_state(PipelineState.ERROR, turn_id)
+            await self._apologise(turn_id)
+        finally:
+            if self._turn_audio is audio:
+                self._turn_audio = None
+            if self.turn is asyncio.current_task():
+                self.status.set_state(PipelineState.IDLE, turn_id)
+            structlog.contextvars.unbind_contextvars("turn_id")
+        if follow_up_next and not self.source_ended.is_set() and not self.status.muted:
+            self.start_turn(trigger="follow-up", follow_up=True)
+
+    async def _turn_body(self, turn_id: str, audio: asyncio.Queue[bytes | None],
+                         timings: TurnTimings, follow_up: bool) -> bool:
+        """Listen, transcribe, answer. Returns True when a follow-up window should open."""
+        self.status.set_state(PipelineState.LISTENING, turn_id)
+        persona = self.conversation.active_persona
+        vad_settings = self.settings.vad
+        if follow_up:
+            window = persona.behavior_config.follow_up_window_s
+            vad_settings = vad_settings.model_copy(update={"no_speech_timeout_s": window})
+        transcript = await self._listen_and_transcribe(turn_id, audio, vad_settings, timings)
+        if transcript is None:
+            return False
+        self._turn_audio = None  # the wake detector hears again (barge-in)
+        text = transcript.text
+        if self.intent_handler is not None and self.settings.pipeline.local_commands:
+            action = await self.intent_handler(text, turn_id)
+            if action is not None:
+                self.bus.emit(EventType.COMMAND, turn_id, command=action.name, text=text)
+                if action.speak:
+                    await self._speak_text(action.speak, turn_id, timings)
+                return False
+        self.status.set_state(PipelineState.THINKING, turn_id)
+        await self._answer(turn_id, text, timings)
+        return persona.behavior_config.follow_up_window_s > 0
+
+    async def _listen_and_transcribe(
+        self, turn_id: str, audio: asyncio.Queue[bytes | None], vad_settings: VadSettings,
+        timings: TurnTimings,
+    ) -> Transcript | None:
+        endpointer = Endpointer(vad_settings, self.vad)
+        self.bus.emit(EventType.LISTEN_START, turn_id)
+        # (audio time where the pause began, transcription of everything up to it)
+        speculative: tuple[float, asyncio.Task[Transcript]] | None = None
+        state = SegmentState.WAITING
+        try:
+            while state in (SegmentState.WAITING, SegmentState.SPEECH):
+                block = await audio.get()
+                if block is None:  # the microphone ended (end of a WAV)
+                    break
+                previous, state = state, endpointer.feed(block)
+                if previous is SegmentState.WAITING and state is SegmentState.SPEECH:
+                    self.bus.emit(EventType.SPEECH_START, turn_id,
+                                  audio_time_s=round(endpointer.segmenter.speech_start_s or 0, 3))
+                seg = endpointer.segmenter
+                if state is SegmentState.SPEECH and seg.silence_s >= SPECULATIVE_STT_AFTER_S:
+                    pause_began = round(seg.audio_s - seg.silence_s, 3)
+                    if speculative is None or speculative[0] != pause_began:
+                        if speculative is not None:
+                            speculative[1].cancel()
+                        pcm = endpointer.result().audio
+                        speculative = (pause_began, asyncio.create_task(self.stt.transcribe(pcm)))
+            decided_at = time.perf_counter()
+            result = endpointer.result()
+            if result.state is SegmentState.WAITING or result.state is SegmentState.NO_SPEECH or not result.audio:
+                self.bus.emit(EventType.NO_SPEECH, turn_id, audio_s=round(result.audio_s, 3))
+                return None
+            timings.endpoint_s = (result.speech_end_s or result.audio_s) - (result.speech_start_s or 0)
+            self.bus.emit(EventType.SPEECH_END, turn_id,
+                          audio_time_s=round(result.speech_end_s or result.audio_s, 3),
+                          speech_s=round(timings.endpoint_s, 3))
+            self.status.set_state(PipelineState.THINKING, turn_id)
+            self.bus.emit(EventType.STT_START, turn_id, audio_s=round(len(result.audio) / 32000, 3))
+            timings._decided_at = decided_at
+            timings._silence_window_s = vad_settings.silence_end_s
+            final_pause = round((result.speech_end_s or -1.0), 3)
+            if speculative is not None and speculative[0] == final_pause and not speculative[1].cancelled():
+                transcript = await speculative[1]
+                reused = True
+            else:
+                if speculative is not None:
+                    speculative[1].cancel()
+                transcript = await self.stt.transcribe(result.audio)
+                reused = False
+            speculative = None
+            timings.stt_s = time.perf_counter() - decided_at
+            self.bus.emit(EventType.STT_END, turn_id, text=transcript.text,
+                          took_s=round(timings.stt_s, 4), speculative=reused)
+            log.info("transcript", text=transcript.text, stt_s=round(timings.stt_s, 3))
+            if not transcript.text.strip():
+                self.bus.emit(EventType.NO_SPEECH, turn_id, audio_s=round(result.audio_s, 3),
+                              reason="empty transcript")
+                return None
+            return transcript
+        finally:
+            if speculative is not None:
+                speculative[1].cancel()
+
+    async def _answer(self, turn_id: str, text: str, timings: TurnTimings) -> None:
+        persona = self.conversation.active_persona
+        reply = Reply(turn_id, "", persona.id, text)
+        llm_started = time.perf_counter()
+        self.bus.emit(EventType.LLM_START, turn_id, persona_id=persona.id)
+
+        async def sentences() -> AsyncIterator[str]:
+            splitter = SentenceSplitter()
+            first_token = True
+            async for delta in self.conversation.respond(text, reply=reply, turn_id=turn_id,
+                                                        source="voice"):
+                if first_token:
+                    first_token = False
+                    timings.llm_first_token_s = time.perf_counter() - llm_started
+                    self.bus.emit(EventType.LLM_FIRST_TOKEN, turn_id,
+                                  took_s=round(timings.llm_first_token_s, 4))
+                for sentence in splitter.feed(delta):
+                    self._on_sentence(turn_id, sentence, llm_started, timings)
+                    yield sentence
+            for sentence in splitter.flush():
+                self._on_sentence(turn_id, sentence, llm_started, timings)
+                yield sentence
+            self.bus.emit(EventType.LLM_END, turn_id, text=reply.text,
+                          tokens=reply.stats.completion_tokens,
+                          took_s=round(time.perf_counter() - llm_started, 4))
+
+        await self._speak(sentences(), turn_id, timings, persona.voice_config.params())
+
+    def _on_sentence(self, turn_id: str, sentence: str, llm_started: float,
+                     timings: TurnTimings) -> None:
+        if timings.llm_first_sentence_s is None:
+            timings.llm_first_sentence_s = time.perf_counter() - llm_started
+        self.bus.emit(EventType.LLM_SENTENCE, turn_id, text=sentence)
+
+    async def _speak(self, sentences: AsyncIterator[str], turn_id: str, timings: TurnTimings,
+                     voice) -> None:
+        def first_audio() -> None:
+            self.status.set_state(PipelineState.SPEAKING, turn_id)
+            if timings._decided_at is not None:
+                timings.end_of_speech_to_first_audio_s = time.perf_counter() - timings._decided_at
+                timings.speech_end_to_first_audio_s = (
+                    timings.end_of_speech_to_first_audio_s + timings._silence_window_s)
+                timings._decided_at = None
+
+        stats = await self.speech.speak(sentences, voice, turn_id=turn_id,
+                                        on_first_audio=first_audio)
+        timings.tts_first_sentence_s = stats.first_tts_s
+
+    async def _speak_text(self, text: str, turn_id: str, timings: TurnTimings) -> None:
+        from companion.stages.sentences import split_sentences
+
+        async def sentences() -> AsyncIterator[str]:
+            for sentence in split_sentences(text):
+                yield sentence
+
+        voice = self.conversation.active_persona.voice_config.params()
+        await self._speak(sentences(), turn_id, timings, voice)
+
+    async def _apologise(self, turn_id: str) -> None:
+        try:
+            voice = self.conversation.active_persona.voice_config.params()
+            await self.speech.say("Sorry, something went wrong.", voice, turn_id=turn_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("could not apologise", exc_info=True)
+
+    async def _persona_for_wake_word(self, word: str) -> None:
+        persona = self.conversation.personas.for_wake_word(word)
+        if persona is not None and persona.id != self.conversation.active_persona_id:
+            await self.conversation.switch_persona(persona.id, preserve_context=True)
+
+    # --- mute ---------------------------------------------------------------------------------
+
+    def set_muted(self, muted: bool) -> None:
+        """Cut the microphone in software: nothing reaches the wake word or a turn."""
+        if muted == self.status.muted:
+            return
+        self.status.muted = muted
+        if muted and self._turn_audio is not None and self.turn is not None:
+            self.turn.cancel()
+            self._turn_audio = None
+        self.status.set_state(PipelineState.MUTED if muted else PipelineState.IDLE)
+        self.bus.emit(EventType.MUTE_CHANGED, muted=muted)

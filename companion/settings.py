@@ -1,0 +1,282 @@
+"""All settings of the daemon, in one typed tree.
+
+Sources, strongest first: keyword arguments (tests), ``COMPANION_*`` environment variables
+(nested with ``__``, lists as JSON), then a TOML file (``--config``, else ``./companion.toml``,
+else ``/etc/companion/companion.toml``). Every model is frozen: a run-time change
+(``config_update``) makes a new copy with ``model_copy(update=...)``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_CANDIDATES = (Path("companion.toml"), Path("/etc/companion/companion.toml"))
+
+
+def _default_data_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/companion")
+    return Path.home() / ".local/share/companion"
+
+
+def _default_device_id() -> str:
+    name = socket.gethostname().split(".")[0].lower()
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name) or "companion"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AudioSettings(_Section):
+    input_device: str | None = Field(
+        None, description="Capture device name (substring match); unset = system default."
+    )
+    output_device: str | None = Field(
+        None, description="Playback device name (substring match); unset = system default."
+    )
+    sample_rate: Literal[16000] = Field(
+        16000, description="Pipeline sample rate; devices at other rates are resampled."
+    )
+    block_ms: int = Field(
+        30, ge=10, le=100, description="Capture block length; 10/20/30 ms suit webrtcvad."
+    )
+    queue_blocks: int = Field(
+        200, ge=10, description="Bounded capture queue; when full, frames are dropped."
+    )
+    output_volume: float = Field(
+        0.8, ge=0.0, le=1.0, description="Speaker volume at start (0..1), changed by commands."
+    )
+
+
+class WakeSettings(_Section):
+    models: list[str] = Field(
+        default_factory=lambda: ["hey_jarvis"],
+        description="openWakeWord models to run at once (names of bundled models or .onnx paths).",
+    )
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Default score that fires.")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="Per-word threshold overrides, e.g. {hey_jarvis=0.6}."
+    )
+    refractory_s: float = Field(
+        2.0, ge=0.0, description="Audio seconds after a detection in which the word cannot fire."
+    )
+    enabled: bool = Field(True, description="Listen for wake words at all.")
+
+    def threshold_for(self, word: str) -> float:
+        return self.thresholds.get(word, self.threshold)
+
+
+class VadSettings(_Section):
+    aggressiveness: int = Field(2, ge=0, le=3, description="webrtcvad mode: 0 lenient .. 3 strict.")
+    speech_start_s: float = Field(
+        0.09, ge=0.0, description="Speech needed before an utterance counts as started."
+    )
+    silence_end_s: float = Field(
+        0.6, ge=0.1, description="Silence after speech that ends the utterance."
+    )
+    max_utterance_s: float = Field(15.0, gt=1.0, description="Hard cap on an utterance.")
+    no_speech_timeout_s: float = Field(
+        6.0, gt=0.5, description="Give up when no speech starts within this much audio."
+    )
+    pre_roll_s: float = Field(
+        0.3, ge=0.0, le=2.0, description="Audio kept from before speech start (first syllable)."
+    )
+
+
+class SttSettings(_Section):
+    model: str = Field("whisper-tiny.en", description="Model name from models/manifest.toml.")
+    compute_type: str = Field("int8", description="CTranslate2 compute type.")
+    language: str = Field("en", description="Spoken language.")
+    beam_size: int = Field(1, ge=1, le=10, description="1 = greedy, fastest.")
+    threads: int = Field(2, ge=1, description="CPU threads for CTranslate2.")
+
+
+class LlmSettings(_Section):
+    model: str = Field("smollm2-135m-instruct", description="Model name or a .gguf path.")
+    context_length: int = Field(2048, ge=256, description="llama.cpp context window (tokens).")
+    threads: int = Field(2, ge=1, description="CPU threads for llama.cpp.")
+    temperature: float = Field(0.2, ge=0.0, le=2.0, description="Default sampling temperature.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    repeat_penalty: float = Field(1.1, ge=1.0, le=2.0)
+    max_tokens: int = Field(96, ge=1, le=4096, description="Default reply length cap.")
+    history_token_budget: int = Field(
+        700, ge=64, description="Tokens of conversation history given to each turn."
+    )
+    character_in_prompt: bool = Field(
+        False, description="Also put traits, backstory, topics, likes in the system prompt "
+        "(for models of 1B+; the 135M default answers worse with them)."
+    )
+    summary_enabled: bool = Field(
+        True, description="Fold turns that outgrow the budget into an LLM-written summary."
+    )
+
+
+class TtsSettings(_Section):
+    voice: str = Field("en_US-joe-medium", description="Default piper voice (manifest name).")
+    voice_cache_size: int = Field(3, ge=1, description="Loaded voices kept in memory.")
+    sentence_silence_s: float = Field(0.15, ge=0.0, description="Pause between sentences.")
+
+
+class GpioSettings(_Section):
+    enabled: bool = Field(True, description="Use buttons and LEDs (skipped when no GPIO).")
+    pin_factory: str | None = Field(
+        None, description="gpiozero pin factory (e.g. 'mock' for tests); unset = gpiozero's choice."
+    )
+    talk_button_pin: int | None = Field(17, description="Button that starts a turn / stops speech.")
+    mute_button_pin: int | None = Field(27, description="Button that toggles the microphone.")
+    volume_up_pin: int | None = Field(None)
+    volume_down_pin: int | None = Field(None)
+    led_red_pin: int | None = Field(5)
+    led_green_pin: int | None = Field(6)
+    led_blue_pin: int | None = Field(13)
+    long_press_s: float = Field(1.0, gt=0.0)
+    double_press_s: float = Field(0.4, gt=0.0)
+
+
+class ControlPlaneSettings(_Section):
+    url: str | None = Field(None, description="ws(s)://host:port of the control plane; unset = off.")
+    token: str | None = Field(None, description="Bearer token of this device.")
+    heartbeat_s: float = Field(15.0, gt=0.0, description="Heartbeat period.")
+    backoff_initial_s: float = Field(1.0, gt=0.0, description="First reconnect delay.")
+    backoff_max_s: float = Field(60.0, gt=0.0, description="Reconnect delay cap.")
+    backoff_fatal_s: float = Field(300.0, gt=0.0, description="Delay after a 401/403.")
+    outbox_max: int = Field(5000, ge=10, description="Messages kept while the link is down.")
+    max_frame_bytes: int = Field(1_048_576, ge=1024, description="Largest frame accepted.")
+    send_audio: bool = Field(False, description="Send captured utterances up as audio_stream.")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+
+class ApiSettings(_Section):
+    host: str = Field("127.0.0.1", description="Bind address; non-loopback needs api.keys.")
+    port: int = Field(3000, ge=0, le=65535)
+    keys: list[str] = Field(default_factory=list, description="Accepted Bearer keys.")
+    rate_limit_per_minute: int = Field(60, ge=1, description="Requests per client IP per minute.")
+    max_body_bytes: int = Field(65536, ge=1024, description="Largest request body.")
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in {"127.0.0.1", "::1", "localhost"} or self.host.startswith("127.")
+
+
+class PersonaSettings(_Section):
+    dir: Path = Field(PROJECT_ROOT / "personas", description="The persona library (*.toml).")
+    default: str = Field("companion", description="Persona active at first start.")
+
+
+class PipelineSettings(_Section):
+    turn_timeout_s: float = Field(60.0, gt=1.0, description="Whole-turn cap (wall clock).")
+    follow_up_window_s: float = Field(
+        5.0, ge=0.0, description="Listen again without wake word after a reply (persona may override)."
+    )
+    local_commands: bool = Field(True, description="Handle 'stop', 'louder', timers without the LLM.")
+
+
+class StorageSettings(_Section):
+    retention_days: int = Field(30, ge=0, description="Sessions idle longer are deleted; 0 = keep.")
+
+
+class CompanionSettings(BaseSettings):
+    """The daemon's settings; see the module docstring for where they come from."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="COMPANION_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    device_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = Field(
+        default_factory=_default_device_id, description="This device's id (default: hostname)."
+    )
+    data_dir: Path = Field(
+        default_factory=_default_data_dir, description="SQLite store, outbox and caches."
+    )
+    models_dir: Path = Field(
+        PROJECT_ROOT / "models", description="Where models/manifest.toml and local models live."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto = JSON when stdout is not a terminal (journald)."
+    )
+
+    audio: AudioSettings = AudioSettings()
+    wake: WakeSettings = WakeSettings()
+    vad: VadSettings = VadSettings()
+    stt: SttSettings = SttSettings()
+    llm: LlmSettings = LlmSettings()
+    tts: TtsSettings = TtsSettings()
+    gpio: GpioSettings = GpioSettings()
+    control_plane: ControlPlaneSettings = ControlPlaneSettings()
+    api: ApiSettings = ApiSettings()
+    personas: PersonaSettings = PersonaSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    storage: StorageSettings = StorageSettings()
+
+    @field_validator("data_dir", "models_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "companion.db"
+
+
+def find_config(explicit: Path | None) -> Path | None:
+    """The TOML file to read: the one given, else the first of CONFIG_CANDIDATES that exists."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise FileNotFoundError(f"config file not found: {explicit}")
+        return explicit
+    return next((p for p in CONFIG_CANDIDATES if p.is_file()), None)
+
+
+def load_settings(config: Path | None = None, **overrides: object) -> CompanionSettings:
+    """Read settings from ``config`` (or the default places), the environment and ``overrides``."""
+    path = find_config(config)
+
+    class _FromFile(CompanionSettings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    loaded = _FromFile(**overrides)  # type: ignore[arg-type]
+    return CompanionSettings.model_construct(**dict(loaded))
+
+
+def describe_validation_error(exc: Exception) -> str:
+    """One line per bad field: ``llm.temperature: Input should be less than or equal to 2``."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        parts.append(f"{field}: {err['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,128 @@
+"""Speaking: synthesize sentence n+1 while sentence n plays, and stop at once when asked.
+
+Everything that speaks (a turn's reply, `say`, announcements, timers) goes through here, one
+utterance at a time, so two voices never talk over each other. ``stop()`` cancels whatever is
+speaking (barge-in, the stop command, a button).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
+
+import structlog
+
+from companion.devices.audio import AudioSink, AudioUnavailableError
+from companion.events import EventBus, EventType
+from companion.stages.sentences import split_sentences
+from companion.stages.tts import AudioClip, Synthesizer, VoiceParams
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class SpeechStats:
+    sentences: int = 0
+    first_tts_s: float | None = None  # synthesis time of the first sentence
+    first_audio_at: float | None = None  # perf_counter when the first audio started playing
+    audio_s: float = 0.0
+    completed: bool = False
+
+
+class SpeechOutput:
+    def __init__(self, tts: Synthesizer, sink: AudioSink | None, bus: EventBus, *,
+                 sentence_silence_s: float = 0.15) -> None:
+        self.tts = tts
+        self.sink = sink
+        self.bus = bus
+        self.sentence_silence_s = sentence_silence_s
+        self._lock = asyncio.Lock()
+        self._speaking: set[asyncio.Task] = set()
+
+    @property
+    def speaking(self) -> bool:
+        return bool(self._speaking)
+
+    def stop(self) -> bool:
+        """Cancel everything that is speaking now (not the caller). True if anything was."""
+        me = asyncio.current_task()
+        stopped = False
+        for task in list(self._speaking):
+            if task is not me and not task.done():
+                task.cancel()
+                stopped = True
+        return stopped
+
+    async def say(self, text: str, voice: VoiceParams, *, turn_id: str | None = None,
+                  interrupt: bool = False) -> SpeechStats:
+        """Speak ``text`` (split into sentences). ``interrupt`` stops current speech first;
+        otherwise it waits for it to finish."""
+        async def sentences() -> AsyncIterator[str]:
+            for sentence in split_sentences(text):
+                yield sentence
+
+        return await self.speak(sentences(), voice, turn_id=turn_id, interrupt=interrupt)
+
+    async def speak(self, sentences: AsyncIterable[str], voice: VoiceParams, *,
+                    turn_id: str | None = None, interrupt: bool = False,
+                    on_first_audio=None) -> SpeechStats:
+        if self.sink is None:
+            raise AudioUnavailableError("no audio output device: cannot speak")
+        if interrupt:
+            self.stop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._speaking.add(task)
+        stats = SpeechStats()
+        try:
+            async with self._lock:
+                await self._pipeline(sentences, voice, turn_id, stats, on_first_audio)
+            stats.completed = True
+            return stats
+        finally:
+            self._speaking.discard(task)
+
+    async def _pipeline(self, sentences: AsyncIterable[str], voice: VoiceParams,
+                        turn_id: str | None, stats: SpeechStats, on_first_audio) -> None:
+        clips: asyncio.Queue[tuple[str, AudioClip] | None] = asyncio.Queue(maxsize=2)
+
+        async def synthesize_all() -> None:
+            try:
+                async for sentence in sentences:
+                    started = time.perf_counter()
+                    self.bus.emit(EventType.TTS_START, turn_id, text=sentence)
+                    clip = await self.tts.synthesize(sentence, voice)
+                    took = time.perf_counter() - started
+                    if stats.first_tts_s is None:
+                        stats.first_tts_s = took
+                    self.bus.emit(EventType.TTS_END, turn_id, text=sentence,
+                                  audio_s=round(clip.duration_s, 3), took_s=round(took, 4))
+                    await clips.put((sentence, clip))
+            finally:
+                await clips.put(None)
+
+        producer = asyncio.create_task(synthesize_all(), name="tts-producer")
+        try:
+            while (item := await clips.get()) is not None:
+                sentence, clip = item
+                if stats.first_audio_at is None:
+                    stats.first_audio_at = time.perf_counter()
+                    if on_first_audio is not None:
+                        on_first_audio()
+                self.bus.emit(EventType.PLAYBACK_START, turn_id, text=sentence,
+                              audio_s=round(clip.duration_s, 3))
+                assert self.sink is not None
+                await self.sink.play(clip)
+                if self.sentence_silence_s:
+                    await self.sink.play(AudioClip.silence(self.sentence_silence_s,
+                                                           clip.sample_rate))
+                stats.sentences += 1
+                stats.audio_s += clip.duration_s
+                self.bus.emit(EventType.PLAYBACK_END, turn_id, text=sentence)
+            await producer  # re-raise a synthesis error
+        finally:
+            if not producer.done():
+                producer.cancel()
+                await asyncio.gather(producer, return_exceptions=True)

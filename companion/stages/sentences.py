@@ -1,0 +1,67 @@
+"""Split a stream of LLM deltas into sentences, so the first one can be spoken while the rest
+is still being written."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "vs", "etc", "e.g", "i.e", "no", "jr", "sr",
+                  "prof", "approx", "min", "max", "fig"}
+_END = re.compile(r"([.!?…]+[\"')\]]*)(\s+)|(\n+)")
+_LONG_CLAUSE = re.compile(r"([,;:])\s+")
+
+
+class SentenceSplitter:
+    """Feed deltas; get back each sentence once it is complete.
+
+    A sentence ends at . ! ? or a newline followed by white space, except after a known
+    abbreviation, a single initial or a number's decimal point. A clause longer than
+    ``max_chars`` is cut at its last comma so a run-on sentence does not delay speech.
+    """
+
+    def __init__(self, *, max_chars: int = 240) -> None:
+        self._buffer = ""
+        self.max_chars = max_chars
+
+    def feed(self, delta: str) -> Iterator[str]:
+        self._buffer += delta
+        while True:
+            cut = self._find_cut()
+            if cut is None:
+                return
+            sentence, self._buffer = self._buffer[:cut].strip(), self._buffer[cut:].lstrip()
+            if _speakable(sentence):
+                yield sentence
+
+    def flush(self) -> Iterator[str]:
+        rest, self._buffer = self._buffer.strip(), ""
+        if _speakable(rest):
+            yield rest
+
+    def _find_cut(self) -> int | None:
+        for match in _END.finditer(self._buffer):
+            if match.group(3):  # newline
+                return match.end()
+            before = self._buffer[: match.start(1)]
+            word = re.split(r"\s", before)[-1].lower().rstrip(".")
+            if match.group(1).startswith(".") and (
+                word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha())
+            ):
+                continue
+            return match.end()
+        if len(self._buffer) > self.max_chars:
+            clauses = list(_LONG_CLAUSE.finditer(self._buffer[: self.max_chars]))
+            if clauses:
+                return clauses[-1].end()
+            return self.max_chars
+        return None
+
+
+def _speakable(text: str) -> bool:
+    return any(c.isalnum() for c in text)
+
+
+def split_sentences(text: str) -> list[str]:
+    splitter = SentenceSplitter()
+    return [*splitter.feed(text + " "), *splitter.flush()]

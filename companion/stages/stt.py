@@ -1,0 +1,56 @@
+"""Speech to text: faster-whisper on CTranslate2, Whisper tiny.en by default."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from companion.models import ModelRegistry
+from companion.settings import SttSettings
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    language: str
+    audio_s: float
+
+
+class Transcriber(Protocol):
+    model_name: str
+
+    async def transcribe(self, pcm: bytes, *, language: str | None = None) -> Transcript:
+        """``pcm``: 16 kHz 16-bit mono."""
+        ...
+
+
+class FasterWhisperTranscriber:
+    def __init__(self, settings: SttSettings, registry: ModelRegistry) -> None:
+        from faster_whisper import WhisperModel  # heavy; import only when used
+
+        resolved = registry.resolve(settings.model, kind="stt")
+        self.model_name = resolved.entry.name
+        self.settings = settings
+        self._model = WhisperModel(
+            str(resolved.directory), device="cpu", compute_type=settings.compute_type,
+            cpu_threads=settings.threads, local_files_only=True,
+        )
+        self._lock = threading.Lock()  # one transcription at a time on the shared model
+
+    async def transcribe(self, pcm: bytes, *, language: str | None = None) -> Transcript:
+        audio = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
+        return await asyncio.to_thread(self._run, audio, language or self.settings.language)
+
+    def _run(self, audio: np.ndarray, language: str) -> Transcript:
+        with self._lock:
+            segments, info = self._model.transcribe(
+                audio, language=language,
+                beam_size=self.settings.beam_size, vad_filter=False,
+                condition_on_previous_text=False, without_timestamps=True,
+            )
+            text = " ".join(s.text.strip() for s in segments).strip()
+        return Transcript(text=text, language=info.language, audio_s=len(audio) / 16000)

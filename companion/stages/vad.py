@@ -1,0 +1,155 @@
+"""Endpointing: where an utterance starts and ends.
+
+``SpeechSegmenter`` is pure and counts *audio* seconds, so it is tested without sleeping and
+behaves the same on a slow or fast machine. ``WebRtcVad`` is the real speech/non-speech
+classifier; ``Endpointer`` joins the two and keeps a pre-roll so the first syllable survives.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from companion.settings import VadSettings
+
+SAMPLE_RATE = 16000
+BYTES_PER_SAMPLE = 2
+
+
+class SegmentState(StrEnum):
+    WAITING = "waiting"  # no speech yet
+    SPEECH = "speech"  # inside an utterance
+    ENDED = "ended"  # speech followed by enough silence (or the maximum length)
+    NO_SPEECH = "no-speech"  # nothing was said before the timeout
+
+
+class SpeechSegmenter:
+    """Decides, chunk by chunk, whether an utterance has started and ended."""
+
+    def __init__(self, settings: VadSettings) -> None:
+        self.settings = settings
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = SegmentState.WAITING
+        self.audio_s = 0.0  # audio seen so far
+        self.speech_start_s: float | None = None  # audio time where the utterance began
+        self.speech_end_s: float | None = None
+        self._speech_run_s = 0.0
+        self._silence_run_s = 0.0
+        self.hit_max_length = False
+
+    def process(self, chunk_s: float, is_speech: bool) -> SegmentState:
+        if self.state in (SegmentState.ENDED, SegmentState.NO_SPEECH):
+            return self.state
+        self.audio_s += chunk_s
+        s = self.settings
+        if self.state is SegmentState.WAITING:
+            self._speech_run_s = self._speech_run_s + chunk_s if is_speech else 0.0
+            if self._speech_run_s >= max(s.speech_start_s, chunk_s):
+                self.state = SegmentState.SPEECH
+                self.speech_start_s = self.audio_s - self._speech_run_s
+                self._silence_run_s = 0.0
+            elif self.audio_s >= s.no_speech_timeout_s:
+                self.state = SegmentState.NO_SPEECH
+            return self.state
+        # inside speech
+        self._silence_run_s = 0.0 if is_speech else self._silence_run_s + chunk_s
+        assert self.speech_start_s is not None
+        if self._silence_run_s >= s.silence_end_s:
+            self.state = SegmentState.ENDED
+            self.speech_end_s = self.audio_s - self._silence_run_s
+        elif self.audio_s - self.speech_start_s >= s.max_utterance_s:
+            self.state = SegmentState.ENDED
+            self.hit_max_length = True
+            self.speech_end_s = self.audio_s
+        return self.state
+
+    @property
+    def silence_s(self) -> float:
+        """Silence since the last speech inside an utterance (0 when not in speech)."""
+        return self._silence_run_s if self.state is SegmentState.SPEECH else 0.0
+
+
+class SpeechClassifier(Protocol):
+    def is_speech(self, frame: bytes) -> bool: ...
+
+
+class WebRtcVad:
+    """webrtcvad on 10/20/30 ms frames of 16 kHz 16-bit mono; a longer block is judged by its
+    30 ms frames (speech when any frame is)."""
+
+    FRAME_BYTES = SAMPLE_RATE * 30 // 1000 * BYTES_PER_SAMPLE
+
+    def __init__(self, aggressiveness: int = 2) -> None:
+        import webrtcvad  # from webrtcvad-wheels
+
+        self._vad = webrtcvad.Vad(aggressiveness)
+
+    def is_speech(self, frame: bytes) -> bool:
+        n = self.FRAME_BYTES
+        if len(frame) in (n // 3, 2 * n // 3, n):
+            return self._vad.is_speech(frame, SAMPLE_RATE)
+        whole = len(frame) - len(frame) % n
+        return any(self._vad.is_speech(frame[i : i + n], SAMPLE_RATE) for i in range(0, whole, n))
+
+
+@dataclass
+class EndpointResult:
+    state: SegmentState
+    audio: bytes  # the utterance with its pre-roll (empty when no speech)
+    speech_start_s: float | None
+    speech_end_s: float | None
+    audio_s: float  # all audio seen
+
+
+class Endpointer:
+    """Feeds blocks to the classifier and the segmenter and collects the utterance."""
+
+    def __init__(self, settings: VadSettings, classifier: SpeechClassifier) -> None:
+        self.settings = settings
+        self.classifier = classifier
+        self.segmenter = SpeechSegmenter(settings)
+        self._pre_roll: deque[bytes] = deque()
+        self._pre_roll_bytes = 0
+        self._utterance = bytearray()
+
+    def reset(self) -> None:
+        self.segmenter.reset()
+        self._pre_roll.clear()
+        self._pre_roll_bytes = 0
+        self._utterance.clear()
+
+    def feed(self, block: bytes) -> SegmentState:
+        chunk_s = len(block) / (SAMPLE_RATE * BYTES_PER_SAMPLE)
+        before = self.segmenter.state
+        state = self.segmenter.process(chunk_s, self.classifier.is_speech(block))
+        if before is SegmentState.WAITING:
+            if state is SegmentState.SPEECH:
+                self._utterance.extend(b"".join(self._pre_roll))
+                self._utterance.extend(block)
+                self._pre_roll.clear()
+            else:
+                self._keep_pre_roll(block)
+        elif before is SegmentState.SPEECH:
+            self._utterance.extend(block)
+        return state
+
+    def result(self) -> EndpointResult:
+        seg = self.segmenter
+        audio = bytes(self._utterance)
+        if seg.state is SegmentState.ENDED and seg.speech_end_s is not None and not seg.hit_max_length:
+            # drop the trailing silence that ended the utterance: whisper needs none of it
+            trailing = int(seg._silence_run_s * SAMPLE_RATE) * BYTES_PER_SAMPLE
+            keep = max(len(audio) - trailing + int(0.2 * SAMPLE_RATE) * BYTES_PER_SAMPLE, 0)
+            audio = audio[:keep]
+        return EndpointResult(seg.state, audio, seg.speech_start_s, seg.speech_end_s, seg.audio_s)
+
+    def _keep_pre_roll(self, block: bytes) -> None:
+        limit = int(self.settings.pre_roll_s * SAMPLE_RATE) * BYTES_PER_SAMPLE
+        self._pre_roll.append(block)
+        self._pre_roll_bytes += len(block)
+        while self._pre_roll and self._pre_roll_bytes - len(self._pre_roll[0]) >= limit:
+            self._pre_roll_bytes -= len(self._pre_roll.popleft())

@@ -1,0 +1,99 @@
+"""Wake word detection: openWakeWord on onnxruntime, several words at once.
+
+The detector is fed 16 kHz 16-bit mono blocks of any length; it buffers them into the 80 ms
+chunks openWakeWord wants. Thresholds are per word; a refractory period, counted in audio
+seconds, stops one utterance of the word firing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from companion.models import ModelRegistry
+from companion.settings import WakeSettings
+
+CHUNK_SAMPLES = 1280  # 80 ms at 16 kHz, openWakeWord's frame
+SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class Detection:
+    word: str
+    score: float
+    audio_time_s: float  # audio seconds since the detector started, at the chunk that fired
+
+
+class WakeDetector(Protocol):
+    words: list[str]
+
+    async def process(self, block: bytes) -> Detection | None: ...
+
+    def reset(self) -> None: ...
+
+
+class WakeScorer:
+    """Pure part: per-word thresholds and the refractory period over a stream of scores."""
+
+    def __init__(self, settings: WakeSettings) -> None:
+        self.settings = settings
+        self._last_fired: dict[str, float] = {}
+
+    def decide(self, scores: dict[str, float], audio_time_s: float) -> Detection | None:
+        best: Detection | None = None
+        for word, score in scores.items():
+            if score < self.settings.threshold_for(word):
+                continue
+            last = self._last_fired.get(word)
+            if last is not None and audio_time_s - last < self.settings.refractory_s:
+                continue
+            if best is None or score > best.score:
+                best = Detection(word, float(score), audio_time_s)
+        if best is not None:
+            self._last_fired[best.word] = audio_time_s
+        return best
+
+
+class OpenWakeWordDetector:
+    def __init__(self, settings: WakeSettings, registry: ModelRegistry) -> None:
+        from openwakeword.model import Model  # heavy; import only when used
+
+        paths = []
+        for word in settings.models:
+            resolved = registry.resolve(word, kind="wake")
+            paths.append(str(resolved.file))
+        self._model = Model(wakeword_models=paths, inference_framework="onnx")
+        # openWakeWord names each model after its file stem ("hey_jarvis_v0.1"); map back.
+        self._names = {stem: word for stem, word in zip(self._model.models, settings.models, strict=True)}
+        self.words = list(settings.models)
+        self._scorer = WakeScorer(settings)
+        self._pending = np.zeros(0, dtype=np.int16)
+        self._samples_seen = 0
+
+    async def process(self, block: bytes) -> Detection | None:
+        self._pending = np.concatenate([self._pending, np.frombuffer(block, dtype=np.int16)])
+        if len(self._pending) < CHUNK_SAMPLES:
+            return None
+        usable = len(self._pending) - len(self._pending) % CHUNK_SAMPLES
+        audio, self._pending = self._pending[:usable], self._pending[usable:]
+        return await asyncio.to_thread(self._predict_chunks, audio)
+
+    def _predict_chunks(self, audio: np.ndarray) -> Detection | None:
+        found = None
+        for start in range(0, len(audio), CHUNK_SAMPLES):
+            raw = self._model.predict(audio[start : start + CHUNK_SAMPLES])
+            self._samples_seen += CHUNK_SAMPLES
+            scores = {self._names.get(k, k): float(v) for k, v in raw.items()}
+            detection = self._scorer.decide(scores, self._samples_seen / SAMPLE_RATE)
+            if detection is not None and found is None:
+                found = detection
+        return found
+
+    def reset(self) -> None:
+        """Forget buffered audio and the model's score history (after a turn, so the tail of
+        the reply or the last detection cannot fire again)."""
+        self._model.reset()
+        self._pending = np.zeros(0, dtype=np.int16)

@@ -1,0 +1,305 @@
+"""The device's memory: one SQLite file (WAL, synchronous=FULL) under the data directory.
+
+Sessions and their turns, summaries and small key/value state (active persona and session).
+A turn's user and assistant messages are written in one transaction, so after a power cut a
+turn is either wholly there or not at all. Calls go through one connection guarded by a lock;
+the async wrappers run them in a worker thread so the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+EXPORT_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    persona_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    summary TEXT NOT NULL DEFAULT '',
+    summarized_upto INTEGER NOT NULL DEFAULT 0,  -- messages.id of the last message folded in
+    origin TEXT                                   -- device the session was imported from
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    turn_id TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    content TEXT NOT NULL,
+    persona_id TEXT NOT NULL,
+    source TEXT NOT NULL,          -- voice | http | control | import
+    tokens INTEGER NOT NULL DEFAULT 0,
+    latency_json TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_session ON messages(session_id, id);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    session_id: str
+    turn_id: str
+    role: str
+    content: str
+    persona_id: str
+    source: str
+    tokens: int
+    created_at: float
+    latency: dict[str, float] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "turn_id": self.turn_id, "role": self.role,
+                "content": self.content, "persona_id": self.persona_id, "source": self.source,
+                "created_at": self.created_at, "latency": self.latency}
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    persona_id: str
+    created_at: float
+    updated_at: float
+    summary: str = ""
+    summarized_upto: int = 0
+    origin: str | None = None
+    messages: list[Message] = field(default_factory=list)
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if str(path) != ":memory:":
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.execute("PRAGMA busy_timeout=5000")
+            self._conn.executescript(SCHEMA)
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` in one IMMEDIATE transaction (all or nothing)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            return result
+
+    def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def add_schema(self, sql: str) -> None:
+        """Let another module (the control link's outbox) keep its tables in the same file."""
+        with self._lock:
+            self._conn.executescript(sql)
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call a store method in a worker thread (the event loop never waits on the disk)."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @property
+    def size_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(str(self.path) + suffix)
+            if p.exists():
+                total += p.stat().st_size
+        return total
+
+    # --- key/value --------------------------------------------------------------------------
+
+    def get_value(self, key: str, default: Any = None) -> Any:
+        rows = self.query("SELECT value FROM kv WHERE key = ?", (key,))
+        return json.loads(rows[0]["value"]) if rows else default
+
+    def set_value(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO kv(key, value) VALUES(?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, json.dumps(value)),
+            )
+
+    # --- sessions ---------------------------------------------------------------------------
+
+    def create_session(self, persona_id: str, *, session_id: str | None = None) -> Session:
+        now = time.time()
+        sid = session_id or new_id("ses")
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO sessions(id, persona_id, created_at, updated_at) VALUES(?,?,?,?)",
+                (sid, persona_id, now, now),
+            )
+        return Session(sid, persona_id, now, now)
+
+    def get_session(self, session_id: str, *, with_messages: bool = True) -> Session | None:
+        rows = self.query("SELECT * FROM sessions WHERE id = ?", (session_id,))
+        if not rows:
+            return None
+        row = rows[0]
+        messages = self.messages(session_id) if with_messages else []
+        return Session(row["id"], row["persona_id"], row["created_at"], row["updated_at"],
+                       row["summary"], row["summarized_upto"], row["origin"], messages)
+
+    def set_session_persona(self, session_id: str, persona_id: str) -> None:
+        with self._lock:
+            self._conn.execute("UPDATE sessions SET persona_id = ?, updated_at = ? WHERE id = ?",
+                               (persona_id, time.time(), session_id))
+
+    def messages(self, session_id: str, *, after_id: int = 0) -> list[Message]:
+        rows = self.query(
+            "SELECT * FROM messages WHERE session_id = ? AND id > ? ORDER BY id",
+            (session_id, after_id),
+        )
+        return [_message(r) for r in rows]
+
+    def record_turn(
+        self, session_id: str, turn_id: str, user_text: str, reply: str, *, persona_id: str,
+        source: str, user_tokens: int = 0, reply_tokens: int = 0,
+        latency: dict[str, float] | None = None,
+    ) -> None:
+        """The user's words and the reply, together or not at all."""
+        now = time.time()
+        latency_json = json.dumps(latency) if latency else None
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO messages(session_id, turn_id, role, content, persona_id, source, "
+                "tokens, latency_json, created_at) VALUES(?,?,?,?,?,?,?,?,?)",
+                [(session_id, turn_id, "user", user_text, persona_id, source, user_tokens, None,
+                  now),
+                 (session_id, turn_id, "assistant", reply, persona_id, source, reply_tokens,
+                  latency_json, now)],
+            )
+            conn.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (now, session_id))
+
+        self.transaction(work)
+
+    def set_summary(self, session_id: str, summary: str, summarized_upto: int) -> None:
+        with self._lock:
+            self._conn.execute(
+                "UPDATE sessions SET summary = ?, summarized_upto = ? WHERE id = ?",
+                (summary, summarized_upto, session_id),
+            )
+
+    def delete_session(self, session_id: str) -> bool:
+        """Forget a session for real: its messages and summary are deleted, not hidden."""
+
+        def work(conn: sqlite3.Connection) -> int:
+            conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+            return conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount
+
+        deleted = self.transaction(work)
+        if deleted:
+            with self._lock:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return bool(deleted)
+
+    def expire_sessions(self, older_than_s: float, *, keep: set[str] = frozenset()) -> int:
+        cutoff = time.time() - older_than_s
+        ids = [r["id"] for r in self.query("SELECT id FROM sessions WHERE updated_at < ?",
+                                           (cutoff,)) if r["id"] not in keep]
+        return sum(self.delete_session(sid) for sid in ids)
+
+    def count_turns_since(self, since: float) -> int:
+        rows = self.query("SELECT COUNT(*) AS n FROM messages WHERE role = 'assistant' "
+                          "AND created_at >= ?", (since,))
+        return int(rows[0]["n"])
+
+    # --- export / import for handoff ---------------------------------------------------------
+
+    def export_session(self, session_id: str) -> dict[str, Any] | None:
+        session = self.get_session(session_id)
+        if session is None:
+            return None
+        return {
+            "version": EXPORT_VERSION,
+            "session_id": session.id,
+            "persona_id": session.persona_id,
+            "created_at": session.created_at,
+            "summary": session.summary,
+            "summarized_upto_index": sum(m.id <= session.summarized_upto for m in session.messages),
+            "turns": [
+                {"turn_id": m.turn_id, "role": m.role, "content": m.content,
+                 "persona_id": m.persona_id, "source": m.source, "created_at": m.created_at}
+                for m in session.messages
+            ],
+        }
+
+    def import_session(self, doc: dict[str, Any], *, origin: str | None = None) -> Session:
+        """Recreate an exported session (same id) so the conversation continues here.
+        Importing the same session again replaces it."""
+        if doc.get("version") != EXPORT_VERSION:
+            raise ValueError(f"unsupported session export version {doc.get('version')!r}")
+        sid = str(doc["session_id"])
+        turns = doc.get("turns") or []
+        folded = int(doc.get("summarized_upto_index") or 0)
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM messages WHERE session_id = ?", (sid,))
+            conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
+            now = time.time()
+            conn.execute(
+                "INSERT INTO sessions(id, persona_id, created_at, updated_at, summary, origin) "
+                "VALUES(?,?,?,?,?,?)",
+                (sid, doc["persona_id"], float(doc.get("created_at") or now), now,
+                 doc.get("summary") or "", origin),
+            )
+            last_folded = 0
+            for index, t in enumerate(turns, start=1):
+                cur = conn.execute(
+                    "INSERT INTO messages(session_id, turn_id, role, content, persona_id, source,"
+                    " created_at) VALUES(?,?,?,?,?,?,?)",
+                    (sid, t["turn_id"], t["role"], t["content"],
+                     t.get("persona_id") or doc["persona_id"], "import",
+                     float(t.get("created_at") or now)),
+                )
+                if index <= folded:
+                    last_folded = int(cur.lastrowid or 0)
+            conn.execute("UPDATE sessions SET summarized_upto = ? WHERE id = ?",
+                         (last_folded, sid))
+
+        self.transaction(work)
+        session = self.get_session(sid)
+        assert session is not None
+        return session
+
+
+def _message(row: sqlite3.Row) -> Message:
+    latency = json.loads(row["latency_json"]) if row["latency_json"] else None
+    return Message(row["id"], row["session_id"], row["turn_id"], row["role"], row["content"],
+                   row["persona_id"], row["source"], row["tokens"], row["created_at"], latency)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:16]}"

@@ -1,0 +1,79 @@
+"""Make a microphone WAV for simulation and tests: a wake word, a pause, then a question.
+
+    python scripts/make_utterance_wav.py out.wav --wake "Hey Jarvis." --text "What is the capital of France?"
+
+Speech comes from piper (the embedded joe voice) or espeak-ng (`--engine espeak`), resampled
+to 16 kHz mono 16-bit, with silence around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import tempfile
+import wave
+from pathlib import Path
+
+from companion.devices.audio import read_wav_16k_mono, resample
+from companion.models import ModelRegistry
+from companion.settings import PROJECT_ROOT, TtsSettings
+from companion.stages.tts import PiperSynthesizer, VoiceParams
+
+RATE = 16000
+
+
+def silence(seconds: float) -> bytes:
+    return bytes(2 * int(seconds * RATE))
+
+
+def speak_piper(synth: PiperSynthesizer, text: str, length_scale: float) -> bytes:
+    clip = asyncio.run(synth.synthesize(text, VoiceParams(length_scale=length_scale)))
+    return resample(clip.pcm, clip.sample_rate, RATE)
+
+
+def speak_espeak(text: str) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "espeak.wav"
+        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(path), text], check=True)
+        return read_wav_16k_mono(path)
+
+
+def make(out: Path, *, wake: str | None, text: str | None, engine: str = "piper",
+         lead_s: float = 0.5, gap_s: float = 0.8, tail_s: float = 1.5) -> Path:
+    synth = None
+    if engine == "piper":
+        synth = PiperSynthesizer(TtsSettings(), ModelRegistry(PROJECT_ROOT / "models"))
+
+    def say(words: str) -> bytes:
+        return speak_piper(synth, words, 1.0) if synth is not None else speak_espeak(words)
+
+    pcm = silence(lead_s)
+    if wake:
+        pcm += say(wake) + silence(gap_s)
+    if text:
+        pcm += say(text)
+    pcm += silence(tail_s)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(out), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(RATE)
+        wav.writeframes(pcm)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--wake", default="Hey Jarvis.")
+    parser.add_argument("--text", default="What is the capital of France?")
+    parser.add_argument("--engine", choices=["piper", "espeak"], default="piper")
+    parser.add_argument("--gap", type=float, default=0.8, help="seconds between wake word and question")
+    args = parser.parse_args()
+    make(args.out, wake=args.wake or None, text=args.text or None, engine=args.engine, gap_s=args.gap)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
