@@ -143,6 +143,27 @@ class VoiceLoop:
         self._turn_audio = None
         return stopped
 
+    async def listen_once(self, *, no_speech_timeout_s: float | None = None) -> str | None:
+        """Listen for one utterance and return its transcript without answering it (a trivia
+        answer, a yes/no). Stops whatever the device was doing first; None when nobody spoke."""
+        self.barge_in()
+        turn_id = new_id("listen")
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=2000)
+        if self.source_ended.is_set():
+            queue.put_nowait(None)
+        self._turn_audio = queue
+        vad = self.settings.vad
+        if no_speech_timeout_s is not None:
+            vad = vad.model_copy(update={"no_speech_timeout_s": no_speech_timeout_s})
+        try:
+            self.status.set_state(PipelineState.LISTENING, turn_id)
+            transcript = await self._listen_and_transcribe(turn_id, queue, vad, TurnTimings(turn_id))
+        finally:
+            if self._turn_audio is queue:
+                self._turn_audio = None
+            self.status.set_state(PipelineState.IDLE, turn_id)
+        return transcript.text if transcript is not None else None
+
     async def wait_idle(self) -> None:
         """Wait until no turn (including follow-ups it starts) is running."""
         while self._turns:
@@ -240,7 +261,7 @@ class VoiceLoop:
                         speculative = (pause_began, asyncio.create_task(self.stt.transcribe(pcm)))
             decided_at = time.perf_counter()
             result = endpointer.result()
-            if result.state is SegmentState.WAITING or result.state is SegmentState.NO_SPEECH or not result.audio:
+            if result.state in (SegmentState.WAITING, SegmentState.NO_SPEECH) or not result.audio:
                 self.bus.emit(EventType.NO_SPEECH, turn_id, audio_s=round(result.audio_s, 3))
                 return None
             timings.endpoint_s = (result.speech_end_s or result.audio_s) - (result.speech_start_s or 0)

@@ -1,0 +1,159 @@
+"""Fakes for the stage Protocols. They are injected through build_app's keyword arguments;
+every fake-backed test has a twin with the real component (marked `models` or `audio`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from companion.stages.llm import ChatMessage, GenerationStats, SamplingParams
+from companion.stages.stt import Transcript
+from companion.stages.tts import AudioClip, VoiceParams
+from companion.stages.wake import Detection
+
+RATE = 16000
+BLOCK = b"\x00\x00" * 480  # 30 ms of silence
+
+
+def speech_block() -> bytes:
+    """30 ms that FakeVad calls speech."""
+    return b"\x10\x10" * 480
+
+
+def wake_block() -> bytes:
+    return b"WAKE" + speech_block()[4:]
+
+
+class FakeMic:
+    """Yields the given blocks (paced by `delay_s`), then ends like a WAV file does."""
+
+    def __init__(self, blocks: list[bytes], *, delay_s: float = 0.0) -> None:
+        self._blocks = blocks
+        self.delay_s = delay_s
+        self.name = "fake-mic"
+        self.dropped_blocks = 0
+        self.last_block_at = 0.0
+
+    async def blocks(self) -> AsyncIterator[bytes]:
+        for block in self._blocks:
+            await asyncio.sleep(self.delay_s)
+            yield block
+
+
+class FakeWake:
+    def __init__(self) -> None:
+        self.words = ["hey_jarvis"]
+        self.seen = 0
+
+    async def process(self, block: bytes) -> Detection | None:
+        self.seen += 1
+        if block.startswith(b"WAKE"):
+            return Detection("hey_jarvis", 0.99, self.seen * 0.03)
+        return None
+
+    def reset(self) -> None:
+        pass
+
+
+class FakeVad:
+    def is_speech(self, frame: bytes) -> bool:
+        return frame[4:6] != b"\x00\x00"
+
+
+class FakeTranscriber:
+    model_name = "fake-stt"
+
+    def __init__(self, text: str = "what is the capital of france", *, delay_s: float = 0.0):
+        self.text = text
+        self.delay_s = delay_s
+        self.received: list[bytes] = []
+
+    async def transcribe(self, pcm: bytes, *, language: str | None = None) -> Transcript:
+        self.received.append(pcm)
+        await asyncio.sleep(self.delay_s)
+        return Transcript(self.text, "en", len(pcm) / 2 / RATE)
+
+
+class FakeChatModel:
+    """Streams a scripted reply a few characters at a time; records every prompt."""
+
+    model_name = "fake-llm"
+    context_length = 2048
+
+    def __init__(self, reply: str = "Paris is the capital. It is lovely.", *,
+                 delay_s: float = 0.0, chunk: int = 4) -> None:
+        self.reply = reply
+        self.delay_s = delay_s
+        self.chunk = chunk
+        self.prompts: list[list[ChatMessage]] = []
+        self.prefixes: dict[str, list[ChatMessage]] = {}
+        self.loaded_prefix: str | None = None
+        self.cancelled = 0
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    async def stream(self, messages: list[ChatMessage], params: SamplingParams,
+                     stats: GenerationStats | None = None) -> AsyncIterator[str]:
+        self.prompts.append(list(messages))
+        stats = stats if stats is not None else GenerationStats()
+        stats.prompt_tokens = sum(self.count_tokens(m["content"]) for m in messages)
+        text = self.reply[: params.max_tokens * 8]
+        try:
+            for i in range(0, len(text), self.chunk):
+                await asyncio.sleep(self.delay_s)
+                piece = text[i : i + self.chunk]
+                stats.completion_tokens += 1
+                yield piece
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
+        stats.finish_reason = "stop"
+
+    async def warm_prefix(self, key: str, messages: list[ChatMessage]) -> None:
+        self.prefixes[key] = list(messages)
+
+    def load_prefix(self, key: str) -> bool:
+        if key not in self.prefixes:
+            return False
+        self.loaded_prefix = key
+        return True
+
+    def has_prefix(self, key: str) -> bool:
+        return key in self.prefixes
+
+
+class FakeSynthesizer:
+    """0.1 s of 16 kHz audio per word."""
+
+    def __init__(self, *, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.spoken: list[tuple[str, VoiceParams]] = []
+
+    def has_voice(self, voice: str) -> bool:
+        return voice.startswith("en_US")
+
+    async def synthesize(self, text: str, voice: VoiceParams) -> AudioClip:
+        self.spoken.append((text, voice))
+        await asyncio.sleep(self.delay_s)
+        return AudioClip(b"\x01\x00" * int(0.1 * RATE * len(text.split())), RATE)
+
+
+class FakeSpeaker:
+    """Records what is played; `realtime` sleeps for the audio's duration like a speaker."""
+
+    def __init__(self, *, realtime: bool = False, speed: float = 1.0) -> None:
+        self.name = "fake-speaker"
+        self.volume = 1.0
+        self.realtime = realtime
+        self.speed = speed
+        self.played: list[AudioClip] = []
+
+    async def play(self, clip: AudioClip) -> None:
+        self.played.append(clip)
+        if self.realtime:
+            await asyncio.sleep(clip.duration_s / self.speed)
+
+    @property
+    def played_s(self) -> float:
+        return sum(c.duration_s for c in self.played)
