@@ -86,11 +86,15 @@ class SpeechOutput:
 
     async def _pipeline(self, sentences: AsyncIterable[str], voice: VoiceParams,
                         turn_id: str | None, stats: SpeechStats, on_first_audio) -> None:
-        clips: asyncio.Queue[tuple[str, AudioClip] | None] = asyncio.Queue(maxsize=2)
+        # synthesis runs at most two sentences ahead of playback; the queue itself is unbounded
+        # so the end marker can always be put, even by a cancelled producer
+        clips: asyncio.Queue[tuple[str, AudioClip] | None] = asyncio.Queue()
+        ahead = asyncio.Semaphore(2)
 
         async def synthesize_all() -> None:
             try:
                 async for sentence in sentences:
+                    await ahead.acquire()
                     started = time.perf_counter()
                     self.bus.emit(EventType.TTS_START, turn_id, text=sentence)
                     clip = await self.tts.synthesize(sentence, voice)
@@ -99,9 +103,9 @@ class SpeechOutput:
                         stats.first_tts_s = took
                     self.bus.emit(EventType.TTS_END, turn_id, text=sentence,
                                   audio_s=round(clip.duration_s, 3), took_s=round(took, 4))
-                    await clips.put((sentence, clip))
+                    clips.put_nowait((sentence, clip))
             finally:
-                await clips.put(None)
+                clips.put_nowait(None)
 
         producer = asyncio.create_task(synthesize_all(), name="tts-producer")
         try:
@@ -118,6 +122,7 @@ class SpeechOutput:
                 if self.sentence_silence_s:
                     await self.sink.play(AudioClip.silence(self.sentence_silence_s,
                                                            clip.sample_rate))
+                ahead.release()
                 stats.sentences += 1
                 stats.audio_s += clip.duration_s
                 self.bus.emit(EventType.PLAYBACK_END, turn_id, text=sentence)

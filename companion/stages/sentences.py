@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterator
 
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "vs", "etc", "e.g", "i.e", "no", "jr", "sr",
-                  "prof", "approx", "min", "max", "fig"}
+                  "prof", "approx", "min", "max", "fig", "a.m", "p.m"}
 _END = re.compile(r"([.!?…]+[\"')\]]*)(\s+)|(\n+)")
 _LONG_CLAUSE = re.compile(r"([,;:])\s+")
 

@@ -148,7 +148,9 @@ class Endpointer:
         return EndpointResult(seg.state, audio, seg.speech_start_s, seg.speech_end_s, seg.audio_s)
 
     def _keep_pre_roll(self, block: bytes) -> None:
-        limit = int(self.settings.pre_roll_s * SAMPLE_RATE) * BYTES_PER_SAMPLE
+        # the speech that starts an utterance is itself still in the pre-roll when it starts
+        window_s = self.settings.pre_roll_s + self.settings.speech_start_s
+        limit = int(window_s * SAMPLE_RATE) * BYTES_PER_SAMPLE
         self._pre_roll.append(block)
         self._pre_roll_bytes += len(block)
         while self._pre_roll and self._pre_roll_bytes - len(self._pre_roll[0]) >= limit:

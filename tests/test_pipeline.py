@@ -1,0 +1,239 @@
+"""The voice loop with fakes: event order, cancellation, mute, follow-up, failures."""
+
+import asyncio
+
+from companion.events import Event, EventType, PipelineState
+from companion.pipeline import LocalAction
+from tests.conftest import fake_app, make_settings
+from tests.fakes import BLOCK, FakeChatModel, FakeMic, FakeSpeaker, FakeTranscriber, speech_block, wake_block
+
+UTTERANCE = [BLOCK] * 5 + [wake_block()] + [speech_block()] * 20 + [BLOCK] * 40
+
+
+def collect(app) -> list[Event]:
+    events: list[Event] = []
+    app.bus.add_callback(events.append)
+    return events
+
+
+def types(events: list[Event]) -> list[EventType]:
+    wanted = {EventType.WAKE_DETECTED, EventType.TURN_START, EventType.SPEECH_START,
+              EventType.SPEECH_END, EventType.STT_START, EventType.STT_END, EventType.LLM_START,
+              EventType.LLM_FIRST_TOKEN, EventType.LLM_SENTENCE, EventType.LLM_END,
+              EventType.TTS_START, EventType.TTS_END, EventType.PLAYBACK_START,
+              EventType.PLAYBACK_END, EventType.TURN_END, EventType.NO_SPEECH,
+              EventType.TURN_CANCELLED, EventType.TURN_ERROR, EventType.COMMAND}
+    return [e.type for e in events if e.type in wanted]
+
+
+async def run_mic(app, timeout: float = 3.0) -> None:
+    async with asyncio.timeout(timeout):
+        await app.voice.run()
+        await app.voice.wait_idle()
+
+
+async def test_a_turn_emits_every_stage_in_order(tmp_path):
+    settings = make_settings(tmp_path, pipeline={"follow_up_window_s": 0})
+    app = fake_app(settings, source=FakeMic(UTTERANCE),
+                   llm=FakeChatModel("Paris is the capital. It is lovely."))
+    events = collect(app)
+    await app.start()
+    await run_mic(app)
+    T = EventType
+    seen = types(events)
+    assert seen[:7] == [T.WAKE_DETECTED, T.TURN_START, T.SPEECH_START, T.SPEECH_END, T.STT_START,
+                        T.STT_END, T.LLM_START]
+    assert seen[-1] is T.TURN_END
+    sentences = [e.data["text"] for e in events if e.type is T.LLM_SENTENCE]
+    assert sentences == ["Paris is the capital.", "It is lovely."]
+    # the first sentence is spoken before the LLM has finished the second one
+    first_tts = seen.index(T.TTS_START)
+    assert first_tts < seen.index(T.LLM_END)
+    assert [e.data["text"] for e in events if e.type is T.PLAYBACK_START] == sentences
+    # every event of the turn carries the turn's id
+    turn_ids = {e.turn_id for e in events if e.type in (T.TURN_START, T.STT_END, T.TURN_END)}
+    assert len(turn_ids) == 1 and None not in turn_ids
+    timings = next(e for e in events if e.type is T.TURN_END).data["timings"]
+    assert timings["end_of_speech_to_first_audio_s"] is not None
+    assert app.status.pipeline_state is PipelineState.IDLE
+    # the turn is remembered
+    session = app.store.get_session(app.conversation.active_session_id)
+    assert [m.role for m in session.messages] == ["user", "assistant"]
+    await app.aclose()
+
+
+async def test_the_transcriber_gets_the_utterance_with_pre_roll(tmp_path):
+    stt = FakeTranscriber()
+    settings = make_settings(tmp_path, pipeline={"follow_up_window_s": 0})
+    blocks = [wake_block()] + [BLOCK] * 15 + [speech_block()] * 20 + [BLOCK] * 40
+    app = fake_app(settings, source=FakeMic(blocks), stt=stt)
+    await app.start()
+    await run_mic(app)
+    audio = stt.received[-1]
+    assert speech_block() * 20 in audio
+    assert audio.index(speech_block()) > 0  # pre-roll in front
+    await app.aclose()
+
+
+async def test_silence_after_the_wake_word_ends_with_no_speech(tmp_path):
+    settings = make_settings(tmp_path, vad={"no_speech_timeout_s": 1.0})
+    app = fake_app(settings, source=FakeMic([wake_block()] + [BLOCK] * 60))
+    events = collect(app)
+    await app.start()
+    await run_mic(app)
+    assert EventType.NO_SPEECH in types(events)
+    assert EventType.LLM_START not in types(events)
+    assert EventType.TURN_ERROR not in types(events)
+    assert not app.sink.played
+    await app.aclose()
+
+
+async def test_wake_word_while_speaking_barges_in(tmp_path):
+    settings = make_settings(tmp_path, pipeline={"follow_up_window_s": 0})
+    sink = FakeSpeaker(realtime=True)  # one word = 0.1 s of playback
+    long_reply = " ".join(["This is a long sentence that takes a while to say."] * 6)
+    blocks = UTTERANCE[:-40] + [BLOCK] * 30 + [wake_block()] + [BLOCK] * 80
+    app = fake_app(settings, source=FakeMic(blocks, delay_s=0.005), sink=sink,
+                   llm=FakeChatModel(long_reply))
+    events = collect(app)
+    await app.start()
+    await run_mic(app, timeout=10)
+    seen = types(events)
+    assert seen.count(EventType.WAKE_DETECTED) == 2
+    cancelled = next(e for e in events if e.type is EventType.TURN_CANCELLED)
+    first_turn = cancelled.turn_id
+    after = events[events.index(cancelled):]
+    # nothing more of the first turn is played once it is cancelled
+    assert not [e for e in after if e.type is EventType.PLAYBACK_START and e.turn_id == first_turn]
+    # far less was played than the whole reply (6 sentences of 11 words, 0.1 s a word)
+    assert sink.played_s < 6 * 11 * 0.1 / 2
+    await app.aclose()
+
+
+async def test_button_starts_a_turn_without_the_wake_word(tmp_path):
+    settings = make_settings(tmp_path, pipeline={"follow_up_window_s": 0})
+    mic = FakeMic([BLOCK] * 3 + [speech_block()] * 20 + [BLOCK] * 40, delay_s=0.002)
+    app = fake_app(settings, source=mic)
+    events = collect(app)
+    await app.start()
+    app.on_talk_button("short")
+    await run_mic(app)
+    start = next(e for e in events if e.type is EventType.TURN_START)
+    assert start.data["trigger"] == "button"
+    assert EventType.TURN_END in types(events)
+    await app.aclose()
+
+
+async def test_follow_up_window_listens_again_without_the_wake_word(tmp_path):
+    settings = make_settings(tmp_path)
+    blocks = UTTERANCE[:-40] + [BLOCK] * 25 + [speech_block()] * 20 + [BLOCK] * 40
+    app = fake_app(settings, source=FakeMic(blocks, delay_s=0.002))
+    events = collect(app)
+    await app.start()
+    await run_mic(app)
+    starts = [e.data for e in events if e.type is EventType.TURN_START]
+    assert [s["trigger"] for s in starts][:2] == ["wake", "follow-up"]
+    assert types(events).count(EventType.LLM_START) == 2
+    assert types(events).count(EventType.WAKE_DETECTED) == 1
+    await app.aclose()
+
+
+async def test_mute_cuts_the_microphone(tmp_path):
+    settings = make_settings(tmp_path)
+    app = fake_app(settings, source=FakeMic(UTTERANCE))
+    events = collect(app)
+    await app.start()
+    app.voice.set_muted(True)
+    await run_mic(app)
+    assert EventType.WAKE_DETECTED not in types(events)
+    assert app.status.pipeline_state is PipelineState.MUTED
+    assert app.voice.wake.seen == 0
+    await app.aclose()
+
+
+async def test_local_command_skips_the_llm(tmp_path):
+    async def handler(text: str, turn_id: str):
+        return LocalAction(speak="Stopping.", name="stop")
+
+    llm = FakeChatModel()
+    settings = make_settings(tmp_path, pipeline={"follow_up_window_s": 0})
+    app = fake_app(settings, source=FakeMic(UTTERANCE), llm=llm, intent_handler=handler)
+    events = collect(app)
+    await app.start()
+    await run_mic(app)
+    assert EventType.COMMAND in types(events)
+    assert EventType.LLM_START not in types(events)
+    assert llm.prompts == []
+    assert app.tts.spoken[-1][0] == "Stopping."
+    await app.aclose()
+
+
+async def test_a_failing_stage_is_reported_and_the_loop_goes_on(tmp_path):
+    class BrokenTranscriber(FakeTranscriber):
+        async def transcribe(self, pcm, *, language=None):
+            raise RuntimeError("decoder exploded")
+
+    settings = make_settings(tmp_path, pipeline={"follow_up_window_s": 0})
+    app = fake_app(settings, source=FakeMic(UTTERANCE + UTTERANCE), stt=BrokenTranscriber())
+    events = collect(app)
+    await app.start()
+    await run_mic(app)
+    errors = [e for e in events if e.type is EventType.TURN_ERROR]
+    assert len(errors) == 2 and "decoder exploded" in errors[0].data["message"]
+    assert app.tts.spoken[0][0] == "Sorry, something went wrong."
+    assert app.status.pipeline_state is PipelineState.IDLE
+    await app.aclose()
+
+
+async def test_turn_timeout_ends_a_stuck_turn(tmp_path):
+    settings = make_settings(tmp_path, pipeline={"turn_timeout_s": 1.5, "follow_up_window_s": 0})
+    app = fake_app(settings, source=FakeMic(UTTERANCE), llm=FakeChatModel(delay_s=10))
+    events = collect(app)
+    await app.start()
+    await run_mic(app, timeout=5)
+    error = next(e for e in events if e.type is EventType.TURN_ERROR)
+    assert error.data["code"] == "turn-timeout"
+    await app.aclose()
+
+
+async def test_speculative_transcription_is_used_when_the_pause_was_the_end(tmp_path):
+    stt = FakeTranscriber(delay_s=0.05)
+    settings = make_settings(tmp_path, pipeline={"follow_up_window_s": 0})
+    # paced like a real microphone: 30 ms blocks every 5 ms is enough for the fake STT
+    app = fake_app(settings, source=FakeMic(UTTERANCE, delay_s=0.01), stt=stt)
+    events = collect(app)
+    await app.start()
+    await run_mic(app, timeout=5)
+    stt_end = next(e for e in events if e.type is EventType.STT_END)
+    assert stt_end.data["speculative"] is True
+    assert len(stt.received) == 1
+    await app.aclose()
+
+
+async def test_speech_resuming_after_a_pause_discards_the_speculation(tmp_path):
+    stt = FakeTranscriber()
+    settings = make_settings(tmp_path, pipeline={"follow_up_window_s": 0})
+    blocks = ([wake_block()] + [speech_block()] * 10 + [BLOCK] * 12 + [speech_block()] * 10
+              + [BLOCK] * 40)
+    app = fake_app(settings, source=FakeMic(blocks, delay_s=0.003), stt=stt)
+    await app.start()
+    await run_mic(app, timeout=5)
+    # the transcript used covers both halves of the utterance
+    assert stt.received[-1].count(speech_block()) == 20
+    await app.aclose()
+
+
+async def test_listen_once_returns_a_transcript_without_answering(tmp_path):
+    llm = FakeChatModel()
+    settings = make_settings(tmp_path)
+    blocks = [BLOCK] * 3 + [speech_block()] * 20 + [BLOCK] * 40
+    app = fake_app(settings, source=FakeMic(blocks, delay_s=0.002), llm=llm,
+                   stt=FakeTranscriber("paris"))
+    await app.start()
+    pump = asyncio.create_task(app.voice.run())
+    async with asyncio.timeout(3):
+        text = await app.voice.listen_once()
+    assert text == "paris"
+    assert llm.prompts == []
+    await pump
+    await app.aclose()

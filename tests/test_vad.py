@@ -1,0 +1,105 @@
+"""The endpointing logic counts audio seconds: tested without sleeping."""
+
+import pytest
+
+from companion.settings import VadSettings
+from companion.stages.vad import Endpointer, SegmentState, SpeechSegmenter
+from tests.fakes import BLOCK, FakeVad, speech_block
+
+CHUNK = 0.03
+SETTINGS = VadSettings(speech_start_s=0.09, silence_end_s=0.6, max_utterance_s=5.0,
+                       no_speech_timeout_s=2.0, pre_roll_s=0.3)
+
+
+def feed(seg: SpeechSegmenter, seconds: float, speech: bool) -> SegmentState:
+    state = seg.state
+    for _ in range(round(seconds / CHUNK)):
+        state = seg.process(CHUNK, speech)
+    return state
+
+
+def test_speech_starts_only_after_enough_speech():
+    seg = SpeechSegmenter(SETTINGS)
+    assert feed(seg, 0.06, True) is SegmentState.WAITING
+    assert feed(seg, 0.03, True) is SegmentState.SPEECH
+    assert seg.speech_start_s == pytest.approx(0.0)
+
+
+def test_a_click_does_not_start_speech():
+    seg = SpeechSegmenter(SETTINGS)
+    feed(seg, 0.03, True)
+    assert feed(seg, 0.3, False) is SegmentState.WAITING
+
+
+def test_end_after_silence_window_and_end_time_is_where_speech_stopped():
+    seg = SpeechSegmenter(SETTINGS)
+    feed(seg, 0.5, False)
+    feed(seg, 1.0, True)
+    assert feed(seg, 0.57, False) is SegmentState.SPEECH  # not yet: 0.57 s < 0.6 s
+    assert feed(seg, 0.03, False) is SegmentState.ENDED
+    assert seg.speech_end_s == pytest.approx(1.5, abs=1e-6)
+
+
+def test_a_short_pause_inside_speech_does_not_end_it():
+    seg = SpeechSegmenter(SETTINGS)
+    feed(seg, 0.5, True)
+    feed(seg, 0.4, False)
+    assert feed(seg, 0.3, True) is SegmentState.SPEECH
+    assert seg.silence_s == 0.0
+
+
+def test_no_speech_timeout_counts_audio_seconds():
+    seg = SpeechSegmenter(SETTINGS)
+    assert feed(seg, 1.98, False) is SegmentState.WAITING
+    assert feed(seg, 0.03, False) is SegmentState.NO_SPEECH
+
+
+def test_maximum_utterance_length_ends_speech():
+    seg = SpeechSegmenter(SETTINGS)
+    assert feed(seg, 5.1, True) is SegmentState.ENDED
+    assert seg.hit_max_length
+
+
+def test_final_states_are_sticky():
+    seg = SpeechSegmenter(SETTINGS)
+    feed(seg, 2.1, False)
+    assert seg.process(CHUNK, True) is SegmentState.NO_SPEECH
+
+
+def test_endpointer_keeps_pre_roll_so_the_first_syllable_survives():
+    ep = Endpointer(SETTINGS, FakeVad())
+    quiet = [bytes([i, 0]) + BLOCK[2:] for i in range(20)]  # distinguishable silent blocks
+    for block in quiet:
+        ep.feed(block)
+    for _ in range(10):
+        ep.feed(speech_block())
+    for _ in range(25):
+        ep.feed(BLOCK)
+    result = ep.result()
+    assert result.state is SegmentState.ENDED
+    # at least 0.3 s (10 blocks) of what came before the speech is kept in front of it
+    assert b"".join(quiet[-10:]) + speech_block() * 10 in result.audio
+    # trailing silence is trimmed to about 0.2 s
+    tail = len(result.audio) - result.audio.rindex(speech_block()) - len(speech_block())
+    assert abs(tail - int(0.2 * 16000) * 2) <= 960
+
+
+def test_endpointer_without_speech_has_no_audio():
+    ep = Endpointer(SETTINGS, FakeVad())
+    for _ in range(70):
+        ep.feed(BLOCK)
+    assert ep.result().state is SegmentState.NO_SPEECH
+    assert ep.result().audio == b""
+
+
+def test_real_webrtcvad_judges_silence_and_a_tone_differently():
+    import numpy as np
+
+    from companion.stages.vad import WebRtcVad
+
+    vad = WebRtcVad(2)
+    assert not vad.is_speech(BLOCK)
+    t = np.arange(480 * 3) / 16000
+    voiced = (8000 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.int16)
+    # three 30 ms frames in one 90 ms block are judged frame by frame
+    assert isinstance(vad.is_speech(voiced.tobytes()), bool)
