@@ -122,6 +122,9 @@ class LlmSettings(_Section):
     summary_enabled: bool = Field(
         True, description="Fold turns that outgrow the budget into an LLM-written summary."
     )
+    prefix_cache_size: int = Field(
+        8, ge=1, description="Evaluated persona prompts (llama.cpp states) kept in memory."
+    )
 
 
 class TtsSettings(_Section):
@@ -153,6 +156,10 @@ class ControlPlaneSettings(_Section):
     backoff_initial_s: float = Field(1.0, gt=0.0, description="First reconnect delay.")
     backoff_max_s: float = Field(60.0, gt=0.0, description="Reconnect delay cap.")
     backoff_fatal_s: float = Field(300.0, gt=0.0, description="Delay after a 401/403.")
+    reconnect_spread_s: float = Field(
+        10.0, gt=0.0, description="After a working link drops, the first retry waits a random "
+        "0..this many seconds, so a fleet does not stampede a restarted control plane."
+    )
     outbox_max: int = Field(5000, ge=10, description="Messages kept while the link is down.")
     max_frame_bytes: int = Field(1_048_576, ge=1024, description="Largest frame accepted.")
     send_audio: bool = Field(False, description="Send captured utterances up as audio_stream.")

@@ -3,8 +3,9 @@
 llama.cpp is not thread-safe and blocks, so generation runs in one worker thread at a time and
 hands deltas to the event loop through a queue. Cancelling the consumer stops generation at the
 next token. llama.cpp keeps the evaluated prompt of the previous call and re-evaluates only what
-differs, so a persona prompt at the start of every prompt is read once, not every turn; a state
-per persona (``save_prefix`` / ``load_prefix``) keeps that true across persona switches.
+follows the longest common token prefix, so a persona prompt at the start of every prompt is read
+once, not every turn. A saved state per persona (``warm_prefix``) keeps that true across persona
+switches: each turn restores the kept state that shares the most tokens with its prompt.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypedDict
 
+import numpy as np
 import structlog
 
 from companion.models import ModelRegistry
@@ -38,6 +40,7 @@ class GenerationStats:
     first_token_s: float | None = None  # seconds from call to first delta
     finish_reason: str | None = None
     prefix_reused: bool = False
+    cached_prompt_tokens: int = 0  # prompt tokens taken from llama.cpp's kept state
 
     @property
     def total_tokens(self) -> int:
@@ -65,12 +68,29 @@ class ChatModel(Protocol):
     ) -> AsyncIterator[str]: ...
 
 
+class PrefixCachingChatModel(ChatModel, Protocol):
+    """A chat model that can keep a persona's evaluated system prompt (llama.cpp state)."""
+
+    async def warm_prefix(self, key: str, messages: list[ChatMessage]) -> None: ...
+
+    def load_prefix(self, key: str) -> bool: ...
+
+    def has_prefix(self, key: str) -> bool: ...
+
+
 _DONE = object()
 
 
 class LlamaCppChatModel:
+    """SmolLM2 (or any chat GGUF) through llama-cpp-python.
+
+    Prompts are formatted with the model's own chat template and handed to llama.cpp as tokens,
+    so the tokens compared with a kept persona prefix are exactly the tokens evaluated.
+    """
+
     def __init__(self, settings: LlmSettings, registry: ModelRegistry) -> None:
         from llama_cpp import Llama  # heavy; import only when used
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         resolved = registry.resolve(settings.model, kind="llm")
         self.model_name = resolved.entry.name
@@ -81,9 +101,23 @@ class LlamaCppChatModel:
             n_threads=settings.threads, n_batch=512, verbose=False,
         )
         self.context_length = self._llama.n_ctx()
+        template = self._llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise RuntimeError(f"{self.model_name}: the GGUF has no chat template")
+        eos = self._token_text(self._llama.token_eos())
+        bos = self._token_text(self._llama.token_bos())
+        # one formatter for prompts (ends with the assistant header), one for prefixes (ends
+        # after the last given message, so it is a true prefix of every later prompt)
+        self._prompt_format = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self._prefix_format = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos,
+                                                  add_generation_prompt=False)
         self._lock = threading.Lock()  # llama.cpp: one call at a time
         self._prefix_states: OrderedDict[str, Any] = OrderedDict()
-        self._prefix_cache_size = 8
+        self._prefix_cache_size = settings.prefix_cache_size  # ~23 kB per prompt token (135M)
+        self.last_prompt_eval_tokens = 0  # tokens llama.cpp had to evaluate for the last prompt
+
+    def _token_text(self, token: int) -> str:
+        return self._llama.detokenize([token], special=True).decode(errors="ignore")
 
     def count_tokens(self, text: str) -> int:
         return len(self._llama.tokenize(text.encode(), add_bos=False, special=True))
@@ -125,53 +159,108 @@ class LlamaCppChatModel:
             cancel.set()
             await asyncio.shield(worker)
 
+    def prompt_tokens(self, messages: list[ChatMessage]) -> tuple[list[int], list[str]]:
+        """The tokens llama.cpp evaluates for ``messages`` and the template's stop strings."""
+        result = self._prompt_format(messages=list(messages))
+        tokens = self._llama.tokenize(result.prompt.encode(), add_bos=not result.added_special,
+                                      special=True)
+        stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
+        return tokens, stop
+
     def _generate(
         self, messages: list[ChatMessage], params: SamplingParams, stats: GenerationStats,
         cancel: threading.Event,
     ) -> Iterator[str]:
+        tokens, stop = self.prompt_tokens(messages)
         with self._lock:
-            chunks = self._llama.create_chat_completion(
-                messages=list(messages), stream=True, temperature=params.temperature,
+            reused = self._restore_best_prefix(tokens)
+            stats.prompt_tokens = len(tokens)
+            stats.prefix_reused = reused > 0
+            stats.cached_prompt_tokens = reused
+            self.last_prompt_eval_tokens = len(tokens) - reused
+            chunks = self._llama.create_completion(
+                prompt=tokens, stream=True, temperature=params.temperature,
                 top_p=params.top_p, repeat_penalty=params.repeat_penalty,
-                max_tokens=params.max_tokens, stop=list(params.stop) or None,
+                max_tokens=params.max_tokens, stop=[*stop, *params.stop] or None,
             )
-            text = []
-            for chunk in chunks:
-                if cancel.is_set():
-                    stats.finish_reason = "cancelled"
-                    break
-                choice = chunk["choices"][0]
-                delta = choice["delta"].get("content")
-                if delta:
-                    text.append(delta)
-                    yield delta
-                if choice.get("finish_reason"):
-                    stats.finish_reason = choice["finish_reason"]
+            text: list[str] = []
+            try:
+                for chunk in chunks:
+                    if cancel.is_set():
+                        stats.finish_reason = "cancelled"
+                        break
+                    choice = chunk["choices"][0]  # type: ignore[index]
+                    if choice["text"]:
+                        text.append(choice["text"])
+                        yield choice["text"]
+                    if choice.get("finish_reason"):
+                        stats.finish_reason = choice["finish_reason"]
+            finally:
+                chunks.close()  # type: ignore[union-attr]
             stats.completion_tokens = self.count_tokens("".join(text))
-            stats.prompt_tokens = self._prompt_tokens_of_last_call(stats.completion_tokens)
 
-    def _prompt_tokens_of_last_call(self, completion_tokens: int) -> int:
-        return max(self._llama.n_tokens - completion_tokens, 0)
+    def _restore_best_prefix(self, tokens: list[int]) -> int:
+        """Load the kept state that shares the most leading tokens with ``tokens`` when it
+        beats what llama.cpp holds now; returns how many prompt tokens need no evaluation.
+        Call with the lock held."""
+        current = _common_prefix(self._llama.input_ids[: self._llama.n_tokens], tokens)
+        best_key, best = None, current
+        for key, state in self._prefix_states.items():
+            shared = _common_prefix(state.input_ids[: state.n_tokens], tokens)
+            if shared > best:
+                best_key, best = key, shared
+        if best_key is not None:
+            self._llama.load_state(self._prefix_states[best_key])
+            self._prefix_states.move_to_end(best_key)
+        # llama.cpp re-evaluates at least the last prompt token to get fresh logits
+        return min(best, len(tokens) - 1)
 
     # --- prefix states: the evaluated persona prompt, kept per persona -------------------
 
     async def warm_prefix(self, key: str, messages: list[ChatMessage]) -> None:
         """Evaluate ``messages`` (a persona's system prompt) and keep llama.cpp's state under
-        ``key``, so a later switch to that persona does not re-read its prompt."""
+        ``key``: a later turn that starts with them re-uses it instead of re-reading them."""
         await asyncio.to_thread(self._warm_prefix, key, messages)
 
     def _warm_prefix(self, key: str, messages: list[ChatMessage]) -> None:
-        prefix_tokens = self.prefix_tokens(messages)
+        tokens = self.prefix_tokens(messages)
         with self._lock:
-            self._llama.reset()
-            self._llama.eval(prefix_tokens)
-            self._prefix_states[key] = self._llama.save_state()
+            held = _common_prefix(self._llama.input_ids[: self._llama.n_tokens], tokens)
+            if held == 0:
+                self._llama.reset()
+            elif self._llama.n_tokens > held:  # keep what is already evaluated, drop the rest
+                self._llama._ctx.kv_cache_seq_rm(-1, held, -1)
+                self._llama.n_tokens = held
+            if held < len(tokens):
+                self._llama.eval(tokens[held:])
+            self._prefix_states[key] = self._save_state()
             self._prefix_states.move_to_end(key)
             while len(self._prefix_states) > self._prefix_cache_size:
                 self._prefix_states.popitem(last=False)
 
+    def _save_state(self) -> Any:
+        """llama.cpp's state without llama-cpp-python's per-token logits copy (n_tokens × vocab
+        floats: 73 MB for a 370-token prompt of SmolLM2); one row is enough because the
+        prompt's suffix is always evaluated after a restore."""
+        import ctypes
+
+        import llama_cpp
+        from llama_cpp.llama import LlamaState
+
+        ctx = self._llama._ctx.ctx
+        size = llama_cpp.llama_state_get_size(ctx)
+        buffer = (ctypes.c_uint8 * int(size))()
+        written = int(llama_cpp.llama_state_get_data(ctx, buffer, size))
+        return LlamaState(
+            input_ids=self._llama.input_ids.copy(),  # whole n_ctx array: load_state adopts it
+            scores=np.zeros((1, self._llama.n_vocab()), dtype=np.single),
+            n_tokens=self._llama.n_tokens, llama_state=bytes(buffer)[:written],
+            llama_state_size=written, seed=self._llama._seed,
+        )
+
     def load_prefix(self, key: str) -> bool:
-        """Restore the state kept for ``key``; False when there is none. Call between turns."""
+        """Restore the state kept for ``key`` now; False when there is none. Optional: a turn
+        restores the best matching state by itself."""
         state = self._prefix_states.get(key)
         if state is None:
             return False
@@ -183,21 +272,28 @@ class LlamaCppChatModel:
     def has_prefix(self, key: str) -> bool:
         return key in self._prefix_states
 
+    def drop_prefix(self, key: str) -> None:
+        self._prefix_states.pop(key, None)
+
+    @property
+    def prefix_keys(self) -> list[str]:
+        return list(self._prefix_states)
+
+    @property
+    def prefix_bytes(self) -> int:
+        return sum(s.llama_state_size + s.scores.nbytes for s in self._prefix_states.values())
+
     def prefix_tokens(self, messages: list[ChatMessage]) -> list[int]:
         """The tokens that start every prompt beginning with ``messages``: the formatted chat
-        up to (not including) the first user turn."""
-        formatted = self._format(messages)
-        tokens = self._llama.tokenize(formatted.encode(), add_bos=True, special=True)
-        return tokens
+        up to (not including) the first user turn, without the assistant header."""
+        result = self._prefix_format(messages=list(messages))
+        return self._llama.tokenize(result.prompt.encode(), add_bos=not result.added_special,
+                                    special=True)
 
-    def _format(self, messages: list[ChatMessage]) -> str:
-        handler = self._llama.chat_handler or None
-        if handler is None:
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-            template = self._llama.metadata.get("tokenizer.chat_template")
-            eos = self._llama.detokenize([self._llama.token_eos()]).decode(errors="ignore")
-            bos = self._llama.detokenize([self._llama.token_bos()]).decode(errors="ignore")
-            formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-            return formatter(messages=list(messages)).prompt
-        raise RuntimeError("custom chat handlers are not supported for prefix caching")
+def _common_prefix(held: Any, tokens: list[int]) -> int:
+    n = min(len(held), len(tokens))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(held[:n]) != np.asarray(tokens[:n], dtype=np.intc))
+    return int(diff[0]) if diff.size else n
