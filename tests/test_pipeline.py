@@ -26,8 +26,8 @@ def types(events: list[Event]) -> list[EventType]:
     return [e.type for e in events if e.type in wanted]
 
 
-async def run_mic(app, timeout: float = 3.0) -> None:
-    async with asyncio.timeout(timeout):
+async def run_mic(app, limit_s: float = 3.0) -> None:
+    async with asyncio.timeout(limit_s):
         await app.voice.run()
         await app.voice.wait_idle()
 
@@ -97,7 +97,7 @@ async def test_wake_word_while_speaking_barges_in(tmp_path):
                    llm=FakeChatModel(long_reply))
     events = collect(app)
     await app.start()
-    await run_mic(app, timeout=10)
+    await run_mic(app, limit_s=10)
     seen = types(events)
     assert seen.count(EventType.WAKE_DETECTED) == 2
     cancelled = next(e for e in events if e.type is EventType.TURN_CANCELLED)
@@ -190,7 +190,7 @@ async def test_turn_timeout_ends_a_stuck_turn(tmp_path):
     app = fake_app(settings, source=FakeMic(UTTERANCE), llm=FakeChatModel(delay_s=10))
     events = collect(app)
     await app.start()
-    await run_mic(app, timeout=5)
+    await run_mic(app, limit_s=5)
     error = next(e for e in events if e.type is EventType.TURN_ERROR)
     assert error.data["code"] == "turn-timeout"
     await app.aclose()
@@ -203,7 +203,7 @@ async def test_speculative_transcription_is_used_when_the_pause_was_the_end(tmp_
     app = fake_app(settings, source=FakeMic(UTTERANCE, delay_s=0.01), stt=stt)
     events = collect(app)
     await app.start()
-    await run_mic(app, timeout=5)
+    await run_mic(app, limit_s=5)
     stt_end = next(e for e in events if e.type is EventType.STT_END)
     assert stt_end.data["speculative"] is True
     assert len(stt.received) == 1
@@ -217,7 +217,7 @@ async def test_speech_resuming_after_a_pause_discards_the_speculation(tmp_path):
               + [BLOCK] * 40)
     app = fake_app(settings, source=FakeMic(blocks, delay_s=0.003), stt=stt)
     await app.start()
-    await run_mic(app, timeout=5)
+    await run_mic(app, limit_s=5)
     # the transcript used covers both halves of the utterance
     assert stt.received[-1].count(speech_block()) == 20
     await app.aclose()
