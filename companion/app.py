@@ -244,8 +244,11 @@ class App:
             await asyncio.sleep(3600)
 
     def reload_personas(self) -> list[str]:
+        """Re-read the persona library (SIGHUP, POST /v1/personas/reload): a bad file is
+        reported and never replaces the good persona; changed prompts are re-warmed."""
         errors = self.personas.load()
         self.conversation.active_persona  # noqa: B018  falls back if the active one vanished
+        self.conversation.personas_reloaded()
         return [str(e) for e in errors]
 
     async def aclose(self) -> None:

@@ -9,9 +9,11 @@ turns under a lock, so a turn never sees half a switch.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import structlog
 
@@ -19,6 +21,7 @@ from companion.events import EventBus, EventType
 from companion.personas import Persona, PersonaLibrary
 from companion.settings import LlmSettings
 from companion.stages.llm import ChatMessage, ChatModel, GenerationStats, SamplingParams
+from companion.stages.tts import VoiceParams
 from companion.store import Message, Store, new_id
 
 log = structlog.get_logger(__name__)
@@ -30,6 +33,11 @@ SUMMARY_PROMPT = (
     "Summarize the conversation below in at most three short sentences. Keep names, facts, "
     "times and anything the user asked to remember."
 )
+# after a fold, the turns left unsummarized take at most this share of the history budget:
+# the start of the prompt then stays the same for several turns, and llama.cpp re-uses it
+KEEP_AFTER_SUMMARY = 0.5
+SUMMARY_CHUNK_TOKENS = 600  # turns folded per LLM call (keeps the summary prompt small)
+MESSAGE_OVERHEAD_TOKENS = 4  # chat-template tokens around each message
 
 
 class SessionNotFoundError(LookupError):
@@ -60,6 +68,19 @@ class SwitchResult:
     session_id: str
     switch_latency_ms: float
     preserved_context: bool
+    voice: VoiceParams = field(default_factory=VoiceParams)  # the new persona's voice
+    transition_message: str | None = None  # what the caller should say, in ``voice``
+    prefix_was_warm: bool = True  # False: the switch had to evaluate the persona prompt
+
+    def as_dict(self) -> dict:
+        return {"success": True, "previous_persona_id": self.previous_persona_id,
+                "new_persona_id": self.new_persona_id, "session_id": self.session_id,
+                "switch_latency_ms": round(self.switch_latency_ms, 2),
+                "preserve_context": self.preserved_context}
+
+
+class Speaker(Protocol):
+    async def say(self, text: str, voice: VoiceParams, **kwargs: Any) -> Any: ...
 
 
 def fit_history(
@@ -70,7 +91,7 @@ def fit_history(
     kept: list[Message] = []
     used = 0
     for message in reversed(messages):
-        tokens = message.tokens or count(message.content)
+        tokens = message_tokens(message, count)
         if used + tokens > budget_tokens:
             break
         used += tokens
@@ -83,7 +104,20 @@ def fit_history(
     return kept, overflow
 
 
+def message_tokens(message: Message, count: Callable[[str], int]) -> int:
+    return (message.tokens or count(message.content)) + MESSAGE_OVERHEAD_TOKENS
+
+
+def prefix_key(persona: Persona, messages: Sequence[ChatMessage]) -> str:
+    """The LLM state key of a persona's prompt: its id and a hash of the prompt, so an edited
+    persona file (reload) never re-uses the state of its old prompt."""
+    digest = hashlib.sha256("\x00".join(m["content"] for m in messages).encode()).hexdigest()
+    return f"{persona.id}:{digest[:12]}"
+
+
 class ConversationManager:
+    """The active persona and session, and every turn's prompt, reply and record."""
+
     def __init__(
         self, *, llm: ChatModel, store: Store, personas: PersonaLibrary, settings: LlmSettings,
         bus: EventBus, default_persona: str,
@@ -94,8 +128,8 @@ class ConversationManager:
         self.settings = settings
         self.bus = bus
         self._switch_lock = asyncio.Lock()
-        self._summaries: dict[str, asyncio.Task[None]] = {}
-        self._llm_context_persona: str | None = None
+        self._summaries: dict[str, asyncio.Task[bool]] = {}
+        self._warming: asyncio.Task[None] | None = None
         stored = store.get_value(ACTIVE_PERSONA_KEY)
         if stored not in personas:
             stored = default_persona if default_persona in personas else (personas.ids() or [None])[0]
@@ -122,26 +156,65 @@ class ConversationManager:
         prompt = persona.full_system_prompt(with_character=self.settings.character_in_prompt)
         return [{"role": "system", "content": prompt}]
 
+    def _prefix_key(self, persona: Persona) -> str:
+        return prefix_key(persona, self.persona_messages(persona))
+
+    def prefix_ready(self, persona_id: str) -> bool:
+        """True when the persona's prompt is already evaluated and kept by the LLM."""
+        persona = self.personas.get(persona_id)
+        has = getattr(self.llm, "has_prefix", None)
+        return persona is not None and has is not None and has(self._prefix_key(persona))
+
+    async def _warm(self, persona: Persona) -> bool:
+        """Evaluate the persona's prompt unless the LLM keeps it; True if it had to."""
+        warm = getattr(self.llm, "warm_prefix", None)
+        if warm is None or self.prefix_ready(persona.id):
+            return False
+        started = time.perf_counter()
+        await warm(self._prefix_key(persona), self.persona_messages(persona))
+        log.info("persona prompt evaluated", persona_id=persona.id,
+                 took_ms=round((time.perf_counter() - started) * 1000, 1))
+        return True
+
     async def warm_personas(self) -> None:
-        """Evaluate every persona's prompt once, in the background at start, so a switch or a
-        first turn does not wait for the LLM to read it."""
+        """Evaluate every persona's prompt once, in the background at start (active one
+        first), so neither a switch nor a first turn waits for the LLM to read it."""
         for persona in [self.active_persona, *self.personas.all()]:
-            if not self.llm.has_prefix(persona.id):
-                await self.llm.warm_prefix(persona.id, self.persona_messages(persona))
-        await self._use_persona_prefix(self.active_persona)
+            await self._warm(persona)
+
+    def personas_reloaded(self) -> None:
+        """After the library was re-read: warm the personas whose prompt is new or changed
+        (in the background; a state of an old prompt is never used for a new one)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._warming is None or self._warming.done():
+            self._warming = asyncio.create_task(self._warm_quietly(), name="warm-personas")
+
+    async def _warm_quietly(self) -> None:
+        try:
+            await self.warm_personas()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("warming persona prompts failed")
 
     async def switch_persona(
-        self, target_id: str, *, preserve_context: bool = True
+        self, target_id: str, *, preserve_context: bool = True,
+        transition_message: str | None = None,
     ) -> SwitchResult:
+        """Make ``target_id`` the persona of the next turn: prompt, voice and behaviour change
+        together under the lock (a turn already streaming finishes as it began).
+        ``preserve_context`` keeps the session; otherwise a new one starts. The caller speaks
+        ``result.transition_message`` in ``result.voice`` (see ``announce_switch``)."""
         started = time.perf_counter()
         async with self._switch_lock:
             target = self.personas.get(target_id)
             if target is None:
                 raise PersonaNotFoundError(f"unknown persona {target_id!r}")
             previous = self.active_persona_id
-            if not self.llm.has_prefix(target.id):
-                await self.llm.warm_prefix(target.id, self.persona_messages(target))
-            await self._use_persona_prefix(target)
+            evaluated = await self._warm(target)
             session_id = await self._session_after_switch(target.id, preserve_context)
             self.active_persona_id = target.id
             await self.store.run(self.store.set_value, ACTIVE_PERSONA_KEY, target.id)
@@ -150,8 +223,10 @@ class ConversationManager:
                       session_id=session_id, latency_ms=latency_ms,
                       preserve_context=preserve_context)
         log.info("persona switched", previous=previous, persona_id=target.id,
-                 latency_ms=round(latency_ms, 1))
-        return SwitchResult(previous, target.id, session_id, latency_ms, preserve_context)
+                 latency_ms=round(latency_ms, 1), cold=evaluated)
+        return SwitchResult(previous, target.id, session_id, latency_ms, preserve_context,
+                            target.voice_config.params(), transition_message or None,
+                            not evaluated)
 
     async def _session_after_switch(self, persona_id: str, preserve: bool) -> str:
         if preserve and self.active_session_id:
@@ -159,11 +234,6 @@ class ConversationManager:
                                  persona_id)
             return self.active_session_id
         return await self.new_active_session(persona_id)
-
-    async def _use_persona_prefix(self, persona: Persona) -> None:
-        if self._llm_context_persona != persona.id and self.llm.has_prefix(persona.id):
-            await asyncio.to_thread(self.llm.load_prefix, persona.id)
-            self._llm_context_persona = persona.id
 
     # --- sessions -----------------------------------------------------------------------------
 
@@ -175,9 +245,22 @@ class ConversationManager:
         return session.id
 
     async def active_session(self) -> str:
-        if self.active_session_id is None:
-            return await self.new_active_session()
-        return self.active_session_id
+        """The session of the next turn; a new one when there is none or it was forgotten."""
+        if self.active_session_id is not None and await self.store.run(
+                self.store.get_session, self.active_session_id, with_messages=False) is not None:
+            return self.active_session_id
+        return await self.new_active_session()
+
+    async def forget_session(self, session_id: str) -> bool:
+        """DELETE a session for real (turns and summary); the next turn starts a new one."""
+        running = self._summaries.get(session_id)
+        if running is not None and not running.done():
+            running.cancel()
+            await asyncio.wait([running])
+        deleted = await self.store.run(self.store.delete_session, session_id)
+        if session_id == self.active_session_id:
+            await self.end_active_session()
+        return deleted
 
     async def end_active_session(self) -> None:
         self.active_session_id = None
@@ -196,15 +279,16 @@ class ConversationManager:
         self, text: str, *, reply: Reply | None = None, session_id: str | None = None,
         new_session: bool = False, source: str = "voice", turn_id: str | None = None,
         system_prompt: str | None = None, temperature: float | None = None,
-        max_tokens: int | None = None,
+        max_tokens: int | None = None, latency: dict[str, float] | None = None,
     ) -> AsyncIterator[str]:
-        """Stream the reply's deltas. ``reply`` (if given) is filled in as it goes; the turn is
-        recorded when generation completes, not when it is cancelled."""
-        async with self._switch_lock:
+        """Stream the reply's deltas. ``reply`` (if given) is filled in as it goes; the turn
+        (user words and reply together) is recorded when generation completes, not when it is
+        cancelled. ``latency`` adds the caller's timings (e.g. stt_ms) to the record."""
+        async with self._switch_lock:  # one consistent persona + session for the whole turn
             persona = self.active_persona
             if session_id is not None:
                 session = await self.store.run(self.store.get_session, session_id,
-                                           with_messages=False)
+                                               with_messages=False)
                 if session is None:
                     raise SessionNotFoundError(f"no conversation {session_id!r}")
                 persona = self.personas.get(session.persona_id) or persona
@@ -212,14 +296,11 @@ class ConversationManager:
                 session_id = (await self.store.run(self.store.create_session, persona.id)).id
             else:
                 session_id = await self.active_session()
-            if system_prompt is None:
-                await self._use_persona_prefix(persona)
-            else:
-                self._llm_context_persona = None
         turn_id = turn_id or new_id("turn")
         reply = reply or Reply(turn_id, session_id, persona.id, text)
         reply.turn_id, reply.session_id, reply.persona_id, reply.user_text = (
             turn_id, session_id, persona.id, text)
+        await self._pause_summary(session_id)
         messages, overflow = await self._build_prompt(session_id, persona, text, system_prompt)
         behavior = persona.behavior_config
         params = SamplingParams(
@@ -235,43 +316,54 @@ class ConversationManager:
             yield delta
         reply.text = "".join(parts).strip()
         reply.latency_ms = (time.perf_counter() - started) * 1000
+        timings = {"llm_ms": round(reply.latency_ms, 1),
+                   "first_token_ms": round((reply.stats.first_token_s or 0) * 1000, 1),
+                   "prompt_tokens": reply.stats.prompt_tokens,
+                   "cached_prompt_tokens": reply.stats.cached_prompt_tokens,
+                   **(latency or {})}
+        user_tokens = self.llm.count_tokens(text)
+        reply_tokens = reply.stats.completion_tokens or self.llm.count_tokens(reply.text)
         await self.store.run(
             lambda: self.store.record_turn(
                 session_id, turn_id, text, reply.text, persona_id=persona.id, source=source,
-                user_tokens=self.llm.count_tokens(text),
-                reply_tokens=reply.stats.completion_tokens or self.llm.count_tokens(reply.text),
-                latency={"llm_ms": round(reply.latency_ms, 1),
-                         "first_token_ms": round((reply.stats.first_token_s or 0) * 1000, 1)},
-            )
-        )
+                user_tokens=user_tokens, reply_tokens=reply_tokens, latency=timings))
         reply.completed = True
         if overflow and self.settings.summary_enabled:
             self._schedule_summary(session_id)
 
-    async def reply_text(self, text: str, **kwargs) -> Reply:
+    async def reply_text(self, text: str, **kwargs: Any) -> Reply:
         """The whole reply at once (CLI, non-streaming HTTP)."""
         reply = Reply("", "", "", text)
         async for _ in self.respond(text, reply=reply, **kwargs):
             pass
         return reply
 
+    async def _history(self, session_id: str) -> tuple[str, list[Message]] | None:
+        """The session's summary and the messages not folded into it."""
+        def read() -> tuple[str, list[Message]] | None:
+            session = self.store.get_session(session_id, with_messages=False)
+            if session is None:
+                return None
+            return session.summary, self.store.messages(session_id,
+                                                        after_id=session.summarized_upto)
+        return await self.store.run(read)
+
     async def _build_prompt(
         self, session_id: str, persona: Persona, text: str, system_prompt: str | None
     ) -> tuple[list[ChatMessage], list[Message]]:
-        session = await self.store.run(self.store.get_session, session_id,
-                                           with_messages=False)
-        assert session is not None
-        history = await self.store.run(
-            lambda: self.store.messages(session_id, after_id=session.summarized_upto))
+        found = await self._history(session_id)
+        if found is None:
+            raise SessionNotFoundError(f"no conversation {session_id!r}")
+        summary, history = found
         kept, overflow = fit_history(history, self.settings.history_token_budget,
                                      self.llm.count_tokens)
         messages: list[ChatMessage] = (
             [{"role": "system", "content": system_prompt}] if system_prompt is not None
             else self.persona_messages(persona)
         )
-        if session.summary:
+        if summary:
             messages.append({"role": "system",
-                             "content": f"Earlier in this conversation: {session.summary}"})
+                             "content": f"Earlier in this conversation: {summary}"})
         messages.extend({"role": m.role, "content": m.content} for m in kept)  # type: ignore[misc]
         messages.append({"role": "user", "content": text})
         return messages, overflow
@@ -284,23 +376,49 @@ class ConversationManager:
             return
         task = asyncio.create_task(self.summarize(session_id), name=f"summary-{session_id}")
         self._summaries[session_id] = task
-        task.add_done_callback(lambda t: self._summaries.pop(session_id, None))
+        task.add_done_callback(lambda t: self._summaries.pop(session_id, None)
+                               if self._summaries.get(session_id) is t else None)
+
+    async def _pause_summary(self, session_id: str) -> None:
+        """A new turn goes before a background summary: stop it at its next token (it is
+        scheduled again when the turn is recorded)."""
+        running = self._summaries.get(session_id)
+        if running is not None and not running.done():
+            running.cancel()
+            await asyncio.wait([running])
 
     async def summarize(self, session_id: str) -> bool:
-        """Fold the turns that no longer fit the budget into the session's summary."""
-        session = await self.store.run(self.store.get_session, session_id,
-                                           with_messages=False)
-        if session is None:
-            return False
-        history = await self.store.run(
-            lambda: self.store.messages(session_id, after_id=session.summarized_upto))
-        _, overflow = fit_history(history, self.settings.history_token_budget,
-                                  self.llm.count_tokens)
-        if not overflow:
-            return False
-        transcript = "\n".join(f"{m.role}: {m.content}" for m in overflow)
-        if session.summary:
-            transcript = f"Summary so far: {session.summary}\n{transcript}"
+        """Fold the oldest turns into the session's summary until the rest takes at most
+        KEEP_AFTER_SUMMARY of the history budget. True if the summary changed."""
+        keep_budget = int(self.settings.history_token_budget * KEEP_AFTER_SUMMARY)
+        changed = False
+        while True:
+            found = await self._history(session_id)
+            if found is None:
+                return changed
+            summary, history = found
+            _, overflow = fit_history(history, keep_budget, self.llm.count_tokens)
+            if not overflow:
+                return changed
+            chunk, used = [], 0
+            for message in overflow:  # the oldest first, a bounded piece per LLM call
+                used += message_tokens(message, self.llm.count_tokens)
+                if chunk and used > SUMMARY_CHUNK_TOKENS:
+                    break
+                chunk.append(message)
+            while len(chunk) > 1 and chunk[-1].role == "user":  # fold whole turns
+                chunk.pop()
+            new_summary = await self._write_summary(summary, chunk)
+            if not new_summary:
+                return changed
+            await self.store.run(self.store.set_summary, session_id, new_summary, chunk[-1].id)
+            changed = True
+            log.info("session summarized", session_id=session_id, folded=len(chunk))
+
+    async def _write_summary(self, summary: str, chunk: Sequence[Message]) -> str:
+        transcript = "\n".join(f"{m.role}: {m.content}" for m in chunk)
+        if summary:
+            transcript = f"Summary so far: {summary}\n{transcript}"
         messages: list[ChatMessage] = [{"role": "system", "content": SUMMARY_PROMPT},
                                        {"role": "user", "content": transcript}]
         try:
@@ -309,16 +427,17 @@ class ConversationManager:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("summary failed", session_id=session_id)
-            return False
-        finally:
-            self._llm_context_persona = None
-        summary = "".join(parts).strip()
-        if summary:
-            await self.store.run(self.store.set_summary, session_id, summary, overflow[-1].id)
-            log.info("session summarized", session_id=session_id, folded=len(overflow))
-        return bool(summary)
+            log.exception("summary failed")
+            return ""
+        return " ".join("".join(parts).split())
 
     async def wait_for_summaries(self) -> None:
         if self._summaries:
             await asyncio.gather(*self._summaries.values(), return_exceptions=True)
+
+
+async def announce_switch(speech: Speaker, result: SwitchResult, **kwargs: Any) -> None:
+    """Say the switch's transition message in the new persona's voice (API, control plane,
+    voice command all use this after ``switch_persona``)."""
+    if result.transition_message:
+        await speech.say(result.transition_message, result.voice, **kwargs)

@@ -1,4 +1,5 @@
-"""Personas: who the device is. One TOML file each in the persona library, validated at load.
+"""Personas: who the device is. One TOML (or YAML) file each in the persona library, validated
+at load.
 
 A file that fails validation is reported (file and field) and skipped; on reload a broken file
 never replaces the good persona already loaded under that id.
@@ -118,14 +119,31 @@ class PersonaError:
         return f"{self.file}: {self.field}: {self.message}"
 
 
+PERSONA_SUFFIXES = (".toml", ".yaml", ".yml")
+
+
+def _parse(path: Path) -> object:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        return tomllib.loads(text)
+    import yaml  # YAML personas are optional (SPEC §5); PyYAML comes with the model stack
+
+    return yaml.safe_load(text)
+
+
 def load_persona_file(path: Path, *, voice_exists: Callable[[str], bool] | None = None) -> Persona:
     """Parse and validate one file; raises PersonaFileError naming the file and field."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = _parse(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise PersonaFileError([PersonaError(path.name, "(file)", str(exc))]) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise PersonaFileError([PersonaError(path.name, "(syntax)", str(exc))]) from exc
+    except ImportError as exc:
+        raise PersonaFileError([PersonaError(path.name, "(file)", f"cannot read YAML: {exc}")]) from exc
+    except Exception as exc:  # tomllib.TOMLDecodeError, yaml.YAMLError
+        message = " ".join(str(exc).split())
+        raise PersonaFileError([PersonaError(path.name, "(syntax)", message)]) from exc
+    if not isinstance(raw, dict):
+        raise PersonaFileError([PersonaError(path.name, "(root)", "must be a table of fields")])
     try:
         persona = Persona.model_validate(raw)
     except ValidationError as exc:
@@ -165,7 +183,9 @@ class PersonaLibrary:
         if not self.directory.is_dir():
             errors.append(PersonaError(str(self.directory), "(dir)", "persona directory missing"))
         else:
-            for path in sorted(self.directory.glob("*.toml")):
+            paths = sorted(p for p in self.directory.iterdir()
+                           if p.suffix in PERSONA_SUFFIXES and not p.name.startswith("."))
+            for path in paths:
                 try:
                     persona = load_persona_file(path, voice_exists=self.voice_exists)
                 except PersonaFileError as exc:
@@ -174,10 +194,25 @@ class PersonaLibrary:
                     if path.stem in self._personas:
                         found[path.stem] = self._personas[path.stem]
                     continue
+                if persona.id in found:
+                    errors.append(PersonaError(path.name, "id", f"{persona.id!r} is defined twice"))
+                    continue
                 found[persona.id] = persona
-        self._personas = found
+        self._warn_shared_wake_words(found)
+        self._personas = found  # one assignment: readers see the old library or the new one
         self.errors = errors
         return errors
+
+    @staticmethod
+    def _warn_shared_wake_words(found: dict[str, Persona]) -> None:
+        owners: dict[str, str] = {}
+        for persona in sorted(found.values(), key=lambda p: p.id):
+            for word in persona.behavior_config.wake_words:
+                if word in owners:
+                    log.warning("wake word claimed twice; the first persona wins", wake_word=word,
+                                persona_id=owners[word], ignored=persona.id)
+                else:
+                    owners[word] = persona.id
 
     def get(self, persona_id: str) -> Persona | None:
         return self._personas.get(persona_id)

@@ -93,6 +93,8 @@ class Store:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
+            # forgetting is real: deleted rows are overwritten with zeros, not just unlinked
+            self._conn.execute("PRAGMA secure_delete=ON")
             self._conn.execute("PRAGMA busy_timeout=5000")
             self._conn.executescript(SCHEMA)
 
@@ -187,12 +189,15 @@ class Store:
         self, session_id: str, turn_id: str, user_text: str, reply: str, *, persona_id: str,
         source: str, user_tokens: int = 0, reply_tokens: int = 0,
         latency: dict[str, float] | None = None,
-    ) -> None:
-        """The user's words and the reply, together or not at all."""
+    ) -> bool:
+        """The user's words and the reply, together or not at all. False (nothing written)
+        when the session no longer exists."""
         now = time.time()
         latency_json = json.dumps(latency) if latency else None
 
-        def work(conn: sqlite3.Connection) -> None:
+        def work(conn: sqlite3.Connection) -> bool:
+            if conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone() is None:
+                return False  # forgotten (DELETE) while the turn ran: do not bring it back
             conn.executemany(
                 "INSERT INTO messages(session_id, turn_id, role, content, persona_id, source, "
                 "tokens, latency_json, created_at) VALUES(?,?,?,?,?,?,?,?,?)",
@@ -202,8 +207,9 @@ class Store:
                   latency_json, now)],
             )
             conn.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (now, session_id))
+            return True
 
-        self.transaction(work)
+        return self.transaction(work)
 
     def set_summary(self, session_id: str, summary: str, summarized_upto: int) -> None:
         with self._lock:
@@ -221,9 +227,20 @@ class Store:
 
         deleted = self.transaction(work)
         if deleted:
-            with self._lock:
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.checkpoint()
         return bool(deleted)
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file and truncate it, so old copies of deleted
+        pages do not linger in the WAL (secure_delete has zeroed them in the database)."""
+        with self._lock:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def vacuum(self) -> None:
+        """Rebuild the file (returns free pages to the file system)."""
+        with self._lock:
+            self._conn.execute("VACUUM")
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def expire_sessions(self, older_than_s: float, *, keep: set[str] = frozenset()) -> int:
         cutoff = time.time() - older_than_s
@@ -259,11 +276,20 @@ class Store:
     def import_session(self, doc: dict[str, Any], *, origin: str | None = None) -> Session:
         """Recreate an exported session (same id) so the conversation continues here.
         Importing the same session again replaces it."""
-        if doc.get("version") != EXPORT_VERSION:
-            raise ValueError(f"unsupported session export version {doc.get('version')!r}")
-        sid = str(doc["session_id"])
-        turns = doc.get("turns") or []
-        folded = int(doc.get("summarized_upto_index") or 0)
+        if not isinstance(doc, dict) or doc.get("version") != EXPORT_VERSION:
+            version = doc.get("version") if isinstance(doc, dict) else None
+            raise ValueError(f"unsupported session export version {version!r}")
+        try:
+            sid = str(doc["session_id"])
+            persona_id = str(doc["persona_id"])
+            turns = [{"turn_id": str(t["turn_id"]), "role": t["role"], "content": str(t["content"]),
+                      "persona_id": t.get("persona_id") or persona_id,
+                      "created_at": t.get("created_at")} for t in doc.get("turns") or []]
+            folded = int(doc.get("summarized_upto_index") or 0)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"malformed session export: {exc!r}") from exc
+        if any(t["role"] not in ("user", "assistant") for t in turns):
+            raise ValueError("malformed session export: a turn's role is not user or assistant")
 
         def work(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM messages WHERE session_id = ?", (sid,))
@@ -272,7 +298,7 @@ class Store:
             conn.execute(
                 "INSERT INTO sessions(id, persona_id, created_at, updated_at, summary, origin) "
                 "VALUES(?,?,?,?,?,?)",
-                (sid, doc["persona_id"], float(doc.get("created_at") or now), now,
+                (sid, persona_id, float(doc.get("created_at") or now), now,
                  doc.get("summary") or "", origin),
             )
             last_folded = 0
@@ -280,9 +306,8 @@ class Store:
                 cur = conn.execute(
                     "INSERT INTO messages(session_id, turn_id, role, content, persona_id, source,"
                     " created_at) VALUES(?,?,?,?,?,?,?)",
-                    (sid, t["turn_id"], t["role"], t["content"],
-                     t.get("persona_id") or doc["persona_id"], "import",
-                     float(t.get("created_at") or now)),
+                    (sid, t["turn_id"], t["role"], t["content"], t["persona_id"], "import",
+                     float(t["created_at"] or now)),
                 )
                 if index <= folded:
                     last_folded = int(cur.lastrowid or 0)
