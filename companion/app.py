@@ -83,6 +83,7 @@ class App:
         self.conversation: ConversationManager
         self.speech: SpeechOutput
         self.voice: VoiceLoop | None = None
+        self.sink: AudioSink | None = None
         self.extensions: dict[str, Any] = dict(parts.extra)
         self._tasks: list[asyncio.Task] = []
 

@@ -1,0 +1,65 @@
+"""Wake word: per-word thresholds and a refractory period in audio seconds."""
+
+import asyncio
+
+import pytest
+
+from companion.settings import WakeSettings
+from companion.stages.wake import WakeScorer
+
+
+def test_per_word_threshold():
+    scorer = WakeScorer(WakeSettings(models=["hey_jarvis", "alexa"], threshold=0.5,
+                                     thresholds={"alexa": 0.9}))
+    assert scorer.decide({"hey_jarvis": 0.2, "alexa": 0.8}, 1.0) is None
+    detection = scorer.decide({"hey_jarvis": 0.6, "alexa": 0.95}, 2.0)
+    assert detection.word == "alexa" and detection.score == 0.95
+
+
+def test_refractory_period_counts_audio_seconds():
+    scorer = WakeScorer(WakeSettings(refractory_s=2.0))
+    assert scorer.decide({"hey_jarvis": 0.9}, 1.0) is not None
+    assert scorer.decide({"hey_jarvis": 0.9}, 2.5) is None
+    assert scorer.decide({"hey_jarvis": 0.9}, 3.1) is not None
+
+
+@pytest.mark.models
+async def test_real_openwakeword_hears_hey_jarvis_from_two_voices(tmp_path):
+    """The real detector on speech made by piper and by espeak-ng."""
+    from companion.devices.audio import read_wav_16k_mono
+    from companion.models import ModelRegistry
+    from companion.settings import PROJECT_ROOT
+    from companion.stages.wake import OpenWakeWordDetector
+    from scripts.make_utterance_wav import make
+
+    registry = ModelRegistry(PROJECT_ROOT / "models")
+    for engine in ("piper", "espeak"):
+        wav = await asyncio.to_thread(make, tmp_path / f"{engine}.wav", wake="Hey Jarvis.",
+                                      text=None, engine=engine)
+        pcm = read_wav_16k_mono(wav)
+        detector = OpenWakeWordDetector(WakeSettings(models=["hey_jarvis", "alexa"]), registry)
+        detections = []
+        async with asyncio.timeout(20):
+            for i in range(0, len(pcm), 960):
+                found = await detector.process(pcm[i : i + 960])
+                if found:
+                    detections.append(found)
+        assert [d.word for d in detections] == ["hey_jarvis"], engine
+        assert detections[0].score > 0.5
+
+
+@pytest.mark.models
+async def test_real_openwakeword_stays_quiet_on_other_speech(tmp_path):
+    from companion.devices.audio import read_wav_16k_mono
+    from companion.models import ModelRegistry
+    from companion.settings import PROJECT_ROOT
+    from companion.stages.wake import OpenWakeWordDetector
+    from scripts.make_utterance_wav import make
+
+    wav = await asyncio.to_thread(make, tmp_path / "q.wav", wake=None,
+                                  text="What is the weather like in Paris today?")
+    pcm = read_wav_16k_mono(wav)
+    detector = OpenWakeWordDetector(WakeSettings(), ModelRegistry(PROJECT_ROOT / "models"))
+    async with asyncio.timeout(20):
+        for i in range(0, len(pcm), 960):
+            assert await detector.process(pcm[i : i + 960]) is None
