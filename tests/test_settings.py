@@ -1,6 +1,7 @@
 """Settings: TOML file, COMPANION_* environment (nested with __), clear errors, exit code 2."""
 
 import pytest
+from pydantic import ValidationError
 
 from companion.__main__ import main
 from companion.settings import CompanionSettings, describe_validation_error, load_settings
@@ -38,13 +39,13 @@ def test_companion_toml_in_the_working_directory_is_found(monkeypatch, tmp_path)
 
 def test_settings_are_frozen():
     s = CompanionSettings()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         s.api.port = 1  # type: ignore[misc]
 
 
 def test_a_bad_value_names_the_field(monkeypatch):
     monkeypatch.setenv("COMPANION_LLM__TEMPERATURE", "5")
-    with pytest.raises(Exception) as info:
+    with pytest.raises(ValidationError) as info:
         load_settings()
     assert describe_validation_error(info.value).startswith("llm.temperature: ")
 
