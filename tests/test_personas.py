@@ -4,6 +4,7 @@ daemon never swaps a good persona for a bad one, reload on request and on SIGHUP
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import signal
@@ -26,6 +27,15 @@ system_prompt = "You are Tess."
 voice = "en_US-joe-medium"
 length_scale = 1.1
 '''
+
+
+async def until(predicate, timeout_s: float = 5.0) -> None:
+    """Poll ``predicate`` (a signal handler or background task makes it true)."""
+    async with asyncio.timeout(timeout_s):
+        for _ in itertools.count():
+            if predicate():
+                return
+            await asyncio.sleep(0.01)
 
 
 def _voice_exists(name: str) -> bool:
@@ -180,12 +190,8 @@ async def test_sighup_reloads_personas(tmp_path: Path) -> None:
     install_signal_handlers(app, idle)
     try:
         os.kill(os.getpid(), signal.SIGHUP)
-        async with asyncio.timeout(2):
-            while "tess" not in app.personas:
-                await asyncio.sleep(0.01)
-        async with asyncio.timeout(5):  # the new prompt is warmed in the background
-            while not app.conversation.prefix_ready("tess"):
-                await asyncio.sleep(0.01)
+        await until(lambda: "tess" in app.personas)
+        await until(lambda: app.conversation.prefix_ready("tess"))  # warmed in the background
     finally:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
