@@ -1,0 +1,287 @@
+"""The control-plane wire format (SPEC §4): one JSON object per WebSocket text frame.
+
+    device → server: {"id", "type", "payload", "timestamp"}
+    server → device: {"id", "type", "payload", "priority"}
+
+Every server → device type has a pydantic payload model, so a bad frame is refused with an
+``error`` frame that names the problem (field and reason) before anything in the daemon changes.
+Two additions to SPEC §4, both optional for a server: ``received`` (server → device, ``{"ids":
+[...], "server_time": epoch s}``: those frames are stored, the device may drop them from its
+outbox; it also gives the clock-offset samples) and the ``X-Companion-Receipts: 1`` header on
+the WebSocket handshake response that says the server sends ``received`` frames.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+RECEIPTS_HEADER = "X-Companion-Receipts"
+PROTOCOL_VERSION = 1
+
+# device → server
+HELLO = "hello"
+HEARTBEAT = "heartbeat"
+TEXT_INPUT = "text_input"
+TRANSCRIPT = "transcript"
+REPLY = "reply"
+BUTTON_PRESS = "button_press"
+AUDIO_STREAM = "audio_stream"
+ACK = "ack"
+SESSION_EXPORT = "session_export"
+ERROR = "error"
+DEVICE_TYPES = frozenset({HELLO, HEARTBEAT, TEXT_INPUT, TRANSCRIPT, REPLY, BUTTON_PRESS,
+                          AUDIO_STREAM, ACK, SESSION_EXPORT, ERROR})
+# what must reach the server even when the outbox overflows (dropped last)
+ESSENTIAL_TYPES = frozenset({ACK, SESSION_EXPORT})
+
+RECEIVED = "received"  # server → device delivery receipt (extension, see the module docstring)
+
+HEX_COLOR = re.compile(r"^#?[0-9A-Fa-f]{6}$")
+NAMED_COLORS = {"red": "#FF0000", "green": "#00FF00", "blue": "#0000FF", "white": "#FFFFFF",
+                "yellow": "#FFFF00", "orange": "#FF8000", "purple": "#8000FF", "off": "#000000"}
+
+
+class ProtocolError(ValueError):
+    """A frame the device refuses; becomes an ``error`` frame back to the server."""
+
+    def __init__(self, code: str, message: str, *, ref_id: str | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ref_id = ref_id
+        self.details = details or {}
+
+    def payload(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "ref_id": self.ref_id,
+                "details": self.details}
+
+
+class _Payload(BaseModel):
+    # unknown keys are ignored (a newer server may send more); missing or wrong ones are errors
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class PersonaSwitch(_Payload):
+    persona_id: str = Field(min_length=1, max_length=64)
+    preserve_context: bool = True
+    transition_message: str | None = Field(None, max_length=2000)
+
+
+class AudioResponse(_Payload):
+    text: str | None = Field(None, max_length=4000)
+    audio_b64: str | None = None  # a WAV file (16-bit PCM), base64
+    audio_url: str | None = Field(None, pattern=r"^https?://")
+
+    @model_validator(mode="after")
+    def _something_to_play(self) -> AudioResponse:
+        if not (self.text or self.audio_b64 or self.audio_url):
+            raise ValueError("needs text, audio_b64 or audio_url")
+        return self
+
+
+class Announce(_Payload):
+    event_type: str = Field("announcement", max_length=64)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    text: str | None = Field(None, max_length=4000)
+    audio_b64: str | None = None
+
+    @property
+    def spoken_text(self) -> str | None:
+        inner = self.payload.get("text") or self.payload.get("message")
+        return self.text or (str(inner) if inner else None)
+
+
+class LedControl(_Payload):
+    pattern: Literal["solid", "blink", "pulse", "off"] = "solid"
+    color: str = "#FFFFFF"
+    duration_ms: int = Field(3000, ge=1, le=3_600_000)
+
+    @field_validator("color")
+    @classmethod
+    def _color(cls, value: str) -> str:
+        value = NAMED_COLORS.get(value.lower(), value)
+        if not HEX_COLOR.match(value):
+            raise ValueError("must be #RRGGBB or a colour name " + ", ".join(NAMED_COLORS))
+        return "#" + value.lstrip("#").upper()
+
+
+class SessionHandoffOut(_Payload):
+    session_id: str | None = Field(None, description="default: the active session")
+    to_device_id: str | None = None
+    notify_user: bool = True
+    goodbye_message: str | None = Field(None, max_length=2000)
+
+
+class SessionHandoffIn(_Payload):
+    session: dict[str, Any] = Field(description="a session export (store.export_session)")
+    from_device_id: str | None = None
+    notify_user: bool = True
+    greeting: str | None = Field(None, max_length=2000)
+
+    @field_validator("session")
+    @classmethod
+    def _export(cls, value: dict[str, Any]) -> dict[str, Any]:
+        missing = [k for k in ("version", "session_id", "persona_id", "turns") if k not in value]
+        if missing:
+            raise ValueError(f"session export lacks {', '.join(missing)}")
+        if not isinstance(value["turns"], list):
+            raise ValueError("session.turns must be a list")
+        return value
+
+
+class GroupActivity(_Payload):
+    activity_type: Literal["trivia", "story", "sync_playback"]
+    persona_id: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class SyncEvent(_Payload):
+    at: float = Field(description="server time (epoch seconds, or ISO-8601) to act at")
+    action: Literal["say", "play", "led"] = "say"
+    text: str | None = Field(None, max_length=4000)
+    audio_b64: str | None = None
+    led: LedControl | None = None
+
+    @field_validator("at", mode="before")
+    @classmethod
+    def _at(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        return value
+
+    @model_validator(mode="after")
+    def _has_material(self) -> SyncEvent:
+        if self.action == "say" and not self.text:
+            raise ValueError("action 'say' needs text")
+        if self.action == "play" and not (self.audio_b64 or self.text):
+            raise ValueError("action 'play' needs audio_b64 (or text to synthesize)")
+        if self.action == "led" and self.led is None:
+            raise ValueError("action 'led' needs led")
+        return self
+
+
+class ConfigUpdate(_Payload):
+    settings: dict[str, Any] = Field(min_length=1, description="'section.key': value, or nested")
+
+
+class Ping(_Payload):
+    server_time: float | None = None
+
+
+class Received(_Payload):
+    ids: list[str] = Field(default_factory=list)
+    server_time: float | None = None
+
+
+SERVER_PAYLOADS: dict[str, type[_Payload]] = {
+    "persona_switch": PersonaSwitch,
+    "audio_response": AudioResponse,
+    "led_control": LedControl,
+    "announce": Announce,
+    "broadcast": Announce,
+    "session_handoff_out": SessionHandoffOut,
+    "session_handoff_in": SessionHandoffIn,
+    "group_activity": GroupActivity,
+    "sync_event": SyncEvent,
+    "config_update": ConfigUpdate,
+    "ping": Ping,
+    RECEIVED: Received,
+}
+COMMAND_TYPES = frozenset(SERVER_PAYLOADS) - {RECEIVED}
+
+
+class ServerFrame(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: str = Field(min_length=1, max_length=128)
+    type: str = Field(min_length=1, max_length=64)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    priority: int = Field(0, ge=0, le=10)
+
+
+class Command(BaseModel):
+    """A validated server frame: the envelope plus its typed payload."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    id: str
+    type: str
+    priority: int
+    payload: Any
+    raw: dict[str, Any]
+
+
+def _describe(exc: ValidationError, prefix: str = "") -> tuple[str, list[dict[str, str]]]:
+    fields = [{"field": prefix + ".".join(str(p) for p in e["loc"]) if e["loc"] else prefix.rstrip("."),
+               "error": e["msg"]} for e in exc.errors()]
+    return "; ".join(f"{f['field'] or '(payload)'}: {f['error']}" for f in fields), fields
+
+
+def parse_server_frame(raw: str | bytes, *, max_bytes: int) -> Command:
+    """Validate one frame from the server or raise ProtocolError naming what is wrong."""
+    size = len(raw.encode() if isinstance(raw, str) else raw)
+    if size > max_bytes:
+        raise ProtocolError("frame_too_large", f"frame of {size} bytes exceeds the limit of "
+                            f"{max_bytes} bytes", details={"size": size, "limit": max_bytes})
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError("malformed_json", f"frame is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("malformed_frame", f"frame must be a JSON object, not "
+                            f"{type(data).__name__}")
+    ref = data.get("id") if isinstance(data.get("id"), str) else None
+    try:
+        frame = ServerFrame.model_validate(data)
+    except ValidationError as exc:
+        message, fields = _describe(exc)
+        raise ProtocolError("invalid_frame", message, ref_id=ref,
+                            details={"fields": fields}) from None
+    model = SERVER_PAYLOADS.get(frame.type)
+    if model is None:
+        raise ProtocolError("unknown_type", f"unknown frame type {frame.type!r}; known: "
+                            + ", ".join(sorted(SERVER_PAYLOADS)), ref_id=frame.id,
+                            details={"type": frame.type})
+    try:
+        payload = model.model_validate(frame.payload)
+    except ValidationError as exc:
+        message, fields = _describe(exc, "payload.")
+        raise ProtocolError("invalid_payload", f"{frame.type}: {message}", ref_id=frame.id,
+                            details={"type": frame.type, "fields": fields}) from None
+    return Command(id=frame.id, type=frame.type, priority=frame.priority, payload=payload,
+                   raw=data)
+
+
+def new_frame_id() -> str:
+    return f"msg_{uuid.uuid4().hex[:20]}"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def device_frame(type_: str, payload: dict[str, Any], *, frame_id: str | None = None) -> dict[str, Any]:
+    """A device → server frame (SPEC §4 envelope)."""
+    return {"id": frame_id or new_frame_id(), "type": type_, "payload": payload,
+            "timestamp": now_iso()}
+
+
+def server_frame(type_: str, payload: dict[str, Any], *, frame_id: str | None = None,
+                 priority: int = 0) -> dict[str, Any]:
+    """A server → device frame (used by the dev control plane and tests)."""
+    return {"id": frame_id or f"cmd_{uuid.uuid4().hex[:20]}", "type": type_, "payload": payload,
+            "priority": priority}
+
+
+def error_frame(error: ProtocolError) -> dict[str, Any]:
+    return device_frame(ERROR, error.payload())
