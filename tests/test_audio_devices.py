@@ -30,7 +30,7 @@ def dominant_frequency(pcm: bytes, rate: int = 16000) -> float:
 
 
 def test_devices_are_found_by_name_never_by_index(pulse):
-    index, info = find_device("pulse", "output")
+    _, info = find_device("pulse", "output")
     assert "pulse" in info["name"]
     with pytest.raises(AudioUnavailableError, match="not found; available"):
         find_device("no-such-card", "input")
@@ -92,7 +92,14 @@ async def test_the_daemon_voice_loop_runs_on_real_devices(pulse, tmp_path):
                              pipeline={"follow_up_window_s": 0})
     app = build_app(settings, features=Features(http=False, control=False, gpio=False))
     events = []
-    app.bus.add_callback(events.append)
+    turn_over = asyncio.Event()
+
+    def on_event(event) -> None:
+        events.append(event)
+        if event.type in (EventType.TURN_END, EventType.TURN_ERROR):
+            turn_over.set()
+
+    app.bus.add_callback(on_event)
     await app.start()
     assert app.voice is not None and app.status.components["audio_in"]["healthy"]
     pump = asyncio.create_task(app.voice.run())
@@ -100,8 +107,7 @@ async def test_the_daemon_voice_loop_runs_on_real_devices(pulse, tmp_path):
         await asyncio.sleep(0.5)
         await asyncio.to_thread(subprocess.run, ["paplay", str(wav)], check=True, env=pulse)
         async with asyncio.timeout(30):
-            while not any(e.type in (EventType.TURN_END, EventType.TURN_ERROR) for e in events):
-                await asyncio.sleep(0.05)
+            await turn_over.wait()
     finally:
         pump.cancel()
         await asyncio.gather(pump, return_exceptions=True)
