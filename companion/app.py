@@ -138,7 +138,7 @@ class App:
         self.voice = VoiceLoop(
             settings=s, bus=self.bus, status=self.status, source=source, wake=self.wake,
             vad=self.vad, stt=self.stt, conversation=self.conversation, speech=self.speech,
-            intent_handler=p.intent_handler,
+            intent_handler=p.intent_handler or _local_commands(self),
         )
 
     async def _load(self, component: str, build, *, attr: str) -> Any:
@@ -329,3 +329,9 @@ def _real_sink(s: CompanionSettings) -> AudioSink:
     from companion.devices.audio import SoundDeviceSink
 
     return SoundDeviceSink(s.audio.output_device, volume=s.audio.output_volume)
+
+
+def _local_commands(app: App) -> IntentHandler:
+    from companion.commands import make_intent_handler
+
+    return make_intent_handler(app)

@@ -1,0 +1,151 @@
+"""The OpenAPI 3.1 document, generated from the route table and its pydantic models.
+
+Nothing here is written by hand per endpoint: each ``Route`` (see ``companion.api.http``) names
+its request model, response model, media type and the error statuses it can answer, and
+pydantic's ``models_json_schema`` turns the models into ``components.schemas``. pydantic 2 emits
+JSON Schema 2020-12, which is what OpenAPI 3.1 uses, so the schemas go in unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from companion.api.schemas import ErrorResponse
+
+REF = "#/components/schemas/{model}"
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Any
+    summary: str
+    tag: str
+    body: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    media_type: str = "application/json"
+    errors: tuple[int, ...] = ()
+    description: str = ""
+    response_description: str = ""
+    path_params: tuple[str, ...] = field(default=())
+
+    @property
+    def protected(self) -> bool:
+        """Under /v1: needs a key, is rate limited and waits for the models to load."""
+        return self.path.startswith("/v1/")
+
+    @property
+    def operation_id(self) -> str:
+        return self.handler.__name__
+
+    def statuses(self) -> list[int]:
+        codes = set(self.errors)
+        if self.protected:
+            codes |= {401, 429, 503}
+        if self.body is not None:
+            codes |= {400, 413, 422}
+        if self.path_params:
+            codes.add(404)
+        return sorted(codes)
+
+
+def _header(description: str, schema_type: str = "string") -> dict[str, Any]:
+    return {"description": description, "schema": {"type": schema_type}}
+
+
+COMMON_HEADERS = {
+    "X-Request-Id": _header("The client's X-Request-Id, or one made for this request."),
+    "X-Process-Time": _header("Seconds the server took to start answering.", "string"),
+}
+RATE_HEADERS = {
+    "X-RateLimit-Limit": _header("Requests allowed per window.", "integer"),
+    "X-RateLimit-Remaining": _header("Requests left in this window.", "integer"),
+    "X-RateLimit-Reset": _header("Seconds until the window resets.", "integer"),
+}
+
+
+def build_openapi(routes: Sequence[Route], *, title: str, version: str, description: str = "",
+                  extra_models: Sequence[type[BaseModel]] = ()) -> dict[str, Any]:
+    """``extra_models``: bodies that are not a whole response (an SSE event's data)."""
+    models = _models(routes)
+    models["out"] += [m for m in extra_models if m not in models["out"]]
+    key_map, defs = models_json_schema(
+        [(m, "validation") for m in models["in"]] + [(m, "serialization") for m in models["out"]],
+        ref_template=REF,
+    )
+
+    def ref(model: type[BaseModel], mode: str) -> dict[str, Any]:
+        return key_map[(model, mode)]  # type: ignore[index]
+
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        headers = {**COMMON_HEADERS, **(RATE_HEADERS if route.protected else {})}
+        if route.response is not None:
+            content = {route.media_type: {"schema": ref(route.response, "serialization")}}
+        elif route.media_type == "text/event-stream":
+            content = {route.media_type: {"schema": {"type": "string"}}}
+        else:
+            content = {route.media_type: {"schema": {"type": "string"}}}
+        responses: dict[str, Any] = {
+            "200": {"description": route.response_description or "OK", "headers": headers,
+                    "content": content}}
+        for status in route.statuses():
+            error_headers = dict(headers)
+            if status in (429, 503):
+                error_headers["Retry-After"] = _header("Seconds to wait before retrying.",
+                                                       "integer")
+            responses[str(status)] = {
+                "description": HTTPStatus(status).phrase, "headers": error_headers,
+                "content": {"application/json": {"schema": ref(ErrorResponse, "serialization")}}}
+        operation: dict[str, Any] = {
+            "operationId": route.operation_id, "summary": route.summary, "tags": [route.tag],
+            "responses": responses,
+        }
+        if route.description:
+            operation["description"] = route.description
+        if route.path_params:
+            operation["parameters"] = [
+                {"name": p, "in": "path", "required": True,
+                 "schema": {"type": "string", "minLength": 1, "maxLength": 128}}
+                for p in route.path_params]
+        if route.body is not None:
+            operation["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": ref(route.body, "validation")}}}
+        operation["security"] = [{"bearerAuth": []}] if route.protected else []
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version, "description": description},
+        "servers": [{"url": "http://127.0.0.1:3000"}],
+        "paths": paths,
+        "components": {
+            "schemas": defs.get("$defs", {}),
+            "securitySchemes": {"bearerAuth": {
+                "type": "http", "scheme": "bearer",
+                "description": "One of the keys in api.keys (COMPANION_API__KEYS). With no keys "
+                               "configured (loopback only) /v1 is open."}},
+        },
+        "tags": [{"name": t} for t in _unique(r.tag for r in routes)],
+    }
+
+
+def _models(routes: Iterable[Route]) -> dict[str, list[type[BaseModel]]]:
+    inputs = _unique(r.body for r in routes if r.body is not None)
+    outputs = _unique([*(r.response for r in routes if r.response is not None), ErrorResponse])
+    return {"in": inputs, "out": outputs}
+
+
+def _unique(items: Iterable[Any]) -> list[Any]:
+    seen: list[Any] = []
+    for item in items:
+        if item not in seen:
+            seen.append(item)
+    return seen
