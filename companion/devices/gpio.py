@@ -171,6 +171,7 @@ def make_gpio(settings: GpioSettings):
         import os
 
         os.environ["GPIOZERO_PIN_FACTORY"] = settings.pin_factory
+        Device.pin_factory = None  # chosen again from the environment by the next device
     if None in (settings.led_red_pin, settings.led_green_pin, settings.led_blue_pin):
         return None
     return RGBLED(settings.led_red_pin, settings.led_green_pin, settings.led_blue_pin, pwm=True)

@@ -1,0 +1,113 @@
+"""Buttons and LEDs through gpiozero's mock pin factory (the real gpiozero code)."""
+
+import asyncio
+
+import pytest
+
+from companion.app import Features
+from companion.events import EventType, PipelineState
+from tests.conftest import fake_app, make_settings
+from tests.fakes import BLOCK, FakeMic, speech_block
+
+GPIO_FEATURES = Features(audio_devices=False, http=False, control=False, gpio=True,
+                         warm_personas=False)
+
+
+@pytest.fixture
+def gpio_app(tmp_path):
+    settings = make_settings(tmp_path, gpio={"enabled": True, "pin_factory": "mock",
+                                             "double_press_s": 0.15, "long_press_s": 0.3},
+                             pipeline={"follow_up_window_s": 0})
+    mic = FakeMic([BLOCK] * 40 + [speech_block()] * 20 + [BLOCK] * 40, delay_s=0.004)
+    return fake_app(settings, features=GPIO_FEATURES, source=mic)
+
+
+async def press(pin, hold_s: float = 0.02) -> None:
+    pin.drive_low()
+    await asyncio.sleep(hold_s)
+    pin.drive_high()
+
+
+async def until(predicate, limit_s: float = 3.0) -> None:
+    async with asyncio.timeout(limit_s):
+        while not predicate():  # noqa: ASYNC110  polling mock hardware state
+            await asyncio.sleep(0.01)
+
+
+async def test_talk_button_starts_a_turn_and_the_led_follows_the_state(gpio_app):
+    app = gpio_app
+    events = []
+    app.bus.add_callback(events.append)
+    await app.start()
+    app._start_gpio()
+    assert app.status.components["gpio"]["healthy"]
+    led = app.extensions["led"]
+    buttons = app.extensions["buttons"]
+    pump = asyncio.create_task(app.voice.run())
+    await press(buttons._buttons[0].pin)
+    await until(lambda: any(e.type is EventType.TURN_START for e in events))
+    start = next(e for e in events if e.type is EventType.TURN_START)
+    assert start.data["trigger"] == "button"
+    press_event = next(e for e in events if e.type is EventType.BUTTON)
+    assert press_event.data == {"button": "talk", "kind": "short"}
+    await until(lambda: led.state is PipelineState.LISTENING)
+    assert led.last_look == ((0.0, 0.4, 1.0), "solid")
+    await pump
+    await app.voice.wait_idle()
+    assert any(e.type is EventType.TURN_END for e in events)
+    await until(lambda: led.state is PipelineState.IDLE)
+    await app.aclose()
+
+
+async def test_mute_button_toggles_the_microphone_and_the_led_turns_red(gpio_app):
+    app = gpio_app
+    await app.start()
+    app._start_gpio()
+    led = app.extensions["led"]
+    mute_pin = app.extensions["buttons"]._buttons[1].pin
+    await press(mute_pin)
+    await until(lambda: app.status.muted)
+    assert app.status.pipeline_state is PipelineState.MUTED
+    assert led.last_look == ((1.0, 0.0, 0.0), "solid")
+    await press(mute_pin)
+    await until(lambda: not app.status.muted)
+    assert app.status.pipeline_state is PipelineState.IDLE
+    await app.aclose()
+
+
+async def test_double_and_long_presses_are_told_apart(gpio_app):
+    app = gpio_app
+    kinds = []
+    app.bus.add_callback(lambda e: kinds.append(e.data["kind"]) if e.type is EventType.BUTTON else None)
+    await app.start()
+    app._start_gpio()
+    pin = app.extensions["buttons"]._buttons[0].pin
+    await press(pin)
+    await asyncio.sleep(0.05)
+    await press(pin)
+    await until(lambda: "double" in kinds)
+    await press(pin, hold_s=0.5)
+    await until(lambda: "long" in kinds)
+    assert kinds == ["double", "long"]
+    await app.aclose()
+
+
+async def test_led_override_then_back_to_the_state_display(gpio_app):
+    app = gpio_app
+    await app.start()
+    app._start_gpio()
+    led = app.extensions["led"]
+    led.override("#00FF00", "solid", 100)
+    assert led.last_look == ((0.0, 1.0, 0.0), "solid")
+    await until(lambda: led.last_look != ((0.0, 1.0, 0.0), "solid"))
+    assert led.override_until == 0.0
+    await app.aclose()
+
+
+async def test_no_gpio_chip_leaves_the_daemon_running(tmp_path):
+    settings = make_settings(tmp_path, gpio={"enabled": True, "pin_factory": "nonexistent"})
+    app = fake_app(settings, features=GPIO_FEATURES)
+    await app.start()
+    app._start_gpio()
+    assert app.status.components["gpio"]["healthy"] is False
+    await app.aclose()
