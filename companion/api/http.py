@@ -50,6 +50,10 @@ METRICS: web.AppKey[Metrics] = web.AppKey("companion_metrics", Metrics)
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("companion_rate_limiter", object)
 OPENAPI: web.AppKey[dict] = web.AppKey("companion_openapi", dict)
 PROCESS: web.AppKey[psutil.Process] = web.AppKey("companion_process", psutil.Process)
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+STARTED: web.RequestKey[float] = web.RequestKey("started", float)
+EXTRA_HEADERS: web.RequestKey[dict] = web.RequestKey("extra_headers", dict)
+SPEAKER: web.RequestKey[Any] = web.RequestKey("speaker", object)
 
 REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 COMPONENTS = ("wake_word", "vad", "stt", "llm", "tts", "audio_in", "audio_out", "gpio",
@@ -77,7 +81,7 @@ def error_response(request: web.Request, status: int, code: str, message: str,
                    details: dict[str, Any] | None = None,
                    headers: dict[str, str] | None = None) -> web.Response:
     body = s.ErrorResponse(error=s.ErrorBody(code=code, message=message, details=details or {},
-                                             request_id=request.get("request_id", "")))
+                                             request_id=request.get(REQUEST_ID, "")))
     return web.json_response(body.model_dump(mode="json"), status=status, headers=headers)
 
 
@@ -128,8 +132,8 @@ def _route_name(request: web.Request) -> str:
 async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Request id, timing and metrics for every request; every failure as the JSON error."""
     given = request.headers.get("X-Request-Id", "")
-    request["request_id"] = given if REQUEST_ID_OK.match(given) else uuid.uuid4().hex
-    request["started"] = time.perf_counter()
+    request[REQUEST_ID] = given if REQUEST_ID_OK.match(given) else uuid.uuid4().hex
+    request[STARTED] = time.perf_counter()
     metrics = request.app[METRICS]
     metrics.http_active.inc()
     status = 500
@@ -148,13 +152,13 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         status = 499  # the client went away
         raise
     except Exception as exc:
-        log.exception("request failed", path=request.path, request_id=request["request_id"])
+        log.exception("request failed", path=request.path, request_id=request[REQUEST_ID])
         return error_response(request, 500, "INTERNAL_ERROR", "internal error",
                               {"type": type(exc).__name__})
     finally:
         metrics.http_active.dec()
         metrics.observe_http(request.method, _route_name(request), status,
-                             time.perf_counter() - request["started"])
+                             time.perf_counter() - request[STARTED])
 
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
@@ -189,7 +193,7 @@ async def rate_limit_middleware(request: web.Request, handler) -> web.StreamResp
     allowed, remaining, reset = request.app[LIMITER].hit(request.remote or "unknown")
     headers = {"X-RateLimit-Limit": str(request.app[LIMITER].limit),
                "X-RateLimit-Remaining": str(remaining), "X-RateLimit-Reset": str(reset)}
-    request["extra_headers"] = headers
+    request[EXTRA_HEADERS] = headers
     if not allowed:
         raise ApiError(429, "RATE_LIMITED", "too many requests; slow down",
                        {"retry_after": reset, "limit": request.app[LIMITER].limit},
@@ -232,11 +236,11 @@ async def ready_middleware(request: web.Request, handler) -> web.StreamResponse:
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """Headers every response carries, streams included (they are sent at prepare)."""
-    response.headers["X-Request-Id"] = request.get("request_id") or uuid.uuid4().hex
-    started = request.get("started")
+    response.headers["X-Request-Id"] = request.get(REQUEST_ID) or uuid.uuid4().hex
+    started = request.get(STARTED)
     if started is not None:
         response.headers["X-Process-Time"] = f"{time.perf_counter() - started:.6f}"
-    for key, value in request.get("extra_headers", {}).items():
+    for key, value in request.get(EXTRA_HEADERS, {}).items():
         response.headers.setdefault(key, value)
 
 
@@ -498,7 +502,7 @@ async def _generate(request: web.Request, body: s.ChatRequest, reply: Reply,
     app = _app(request)
     metrics = request.app[METRICS]
     speaker = SpeakAlong(app) if body.speak and app.sink is not None else None
-    request["speaker"] = speaker
+    request[SPEAKER] = speaker
     app.status.last_activity = time.time()
     started = time.perf_counter()
     try:
@@ -560,7 +564,7 @@ async def chat(request: web.Request, body: s.ChatRequest) -> s.ChatResponse:
         id=reply.turn_id, conversation_id=reply.session_id, content=reply.text,
         persona_id=reply.persona_id, model=getattr(app.llm, "model_name", "unknown"),
         tokens=_tokens(reply), latency_ms=round(reply.latency_ms, 1),
-        created_at=iso(reply.started_at), spoken=request.get("speaker") is not None)
+        created_at=iso(reply.started_at), spoken=request.get(SPEAKER) is not None)
 
 
 @route("POST", "/v1/chat/stream", summary="One chat turn as Server-Sent Events", tag="chat",
@@ -585,18 +589,18 @@ async def chat_stream(request: web.Request, body: s.ChatRequest) -> web.StreamRe
         except ApiError as exc:
             error = s.ErrorResponse(error=s.ErrorBody(
                 code=exc.code, message=exc.message, details=exc.details,
-                request_id=request["request_id"]))
+                request_id=request[REQUEST_ID]))
             with contextlib.suppress(ConnectionError, OSError):
                 await sse.send(error.model_dump_json(), event="error")
             return sse
         except (ConnectionError, OSError):
-            log.info("chat stream client went away", request_id=request["request_id"])
+            log.info("chat stream client went away", request_id=request[REQUEST_ID])
             return sse
         done = s.StreamDone(id=reply.turn_id, tokens=_tokens(reply),
                             conversation_id=reply.session_id, persona_id=reply.persona_id,
                             model=getattr(app.llm, "model_name", "unknown"),
                             latency_ms=round(reply.latency_ms, 1),
-                            spoken=request.get("speaker") is not None)
+                            spoken=request.get(SPEAKER) is not None)
         with contextlib.suppress(ConnectionError, OSError):
             await sse.send(done.model_dump_json(), event="done")
     return sse
