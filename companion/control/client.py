@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 from websockets.asyncio.client import ClientConnection
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from companion.app import App
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 FATAL_STATUS = frozenset({401, 403})
 GOOD_LINK_S = 10.0  # a link that stayed up this long counts as good even without a server frame
@@ -79,6 +80,11 @@ class LinkStatus:
     fatal: bool = False  # the server refused the token (401/403)
     next_retry_s: float | None = None
     receipts: bool = False
+
+    @property
+    def latency_ms(self) -> float | None:
+        """The link's round trip (what /ready/all shows as the component's latency)."""
+        return self.rtt_ms
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -380,10 +386,10 @@ class ControlLink:
         outcome = Outcome()
         ack: dict[str, Any] = {"command_id": command.id, "command_type": command.type, "ok": True}
         try:
-            outcome = await self.handlers.handle(command)
+            outcome = await _child(self.handlers.handle(command))
             ack.update(outcome.result)
-        except asyncio.CancelledError:
-            raise  # shutting down: acked as interrupted at the next start
+        except _Interrupted:
+            ack.update(ok=False, error="interrupted: stopped by barge-in or a more urgent message")
         except CommandFailed as exc:
             ack.update(getattr(exc, "result", {}))
             ack.update(ok=False, error=str(exc))
@@ -398,9 +404,9 @@ class ControlLink:
         self._sync_depth()
         if outcome.after is not None:
             try:
-                await outcome.after()
-            except asyncio.CancelledError:
-                raise
+                await _child(outcome.after())
+            except _Interrupted:
+                pass
             except Exception:
                 log.warning("after-ack action failed", command_id=command.id, exc_info=True)
 
@@ -487,6 +493,24 @@ class ControlLink:
     def device_time_for(self, server_time: float) -> float:
         """The device-clock moment that is ``server_time`` on the server's clock."""
         return server_time - self.clock_offset_s
+
+
+class _Interrupted(Exception):
+    """A command's work was cancelled from outside (speech.stop: barge-in, an urgent message)
+    while the link itself keeps running."""
+
+
+async def _child(work: Awaitable[T]) -> T:
+    """Run ``work`` in its own task, so that cancelling it (speech.stop cancels whatever is
+    speaking) ends that command, not the worker; cancelling the worker still cancels it."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        if task.cancelled() and me is not None and not me.cancelling():
+            raise _Interrupted() from None
+        raise
 
 
 def _version() -> str:

@@ -159,6 +159,7 @@ class CommandHandlers:
         if priority >= PRIORITY_AFTER_SENTENCE and speech.speaking:
             await self._end_of_sentence()
             return await speech.say(text, self._voice(persona), interrupt=True)
+        await self._wait_quiet(300)  # polite: not queued on the speaker, so urgent ones go first
         return await speech.say(text, self._voice(persona))
 
     async def _end_of_sentence(self, timeout_s: float = 15.0) -> None:
