@@ -252,7 +252,8 @@ class VoiceLoop:
                     self.bus.emit(EventType.SPEECH_START, turn_id,
                                   audio_time_s=round(endpointer.segmenter.speech_start_s or 0, 3))
                 seg = endpointer.segmenter
-                if state is SegmentState.SPEECH and seg.silence_s >= SPECULATIVE_STT_AFTER_S:
+                if (self.settings.pipeline.speculative_stt and state is SegmentState.SPEECH
+                        and seg.silence_s >= SPECULATIVE_STT_AFTER_S):
                     pause_began = round(seg.audio_s - seg.silence_s, 3)
                     if speculative is None or speculative[0] != pause_began:
                         if speculative is not None:

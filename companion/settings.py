@@ -191,7 +191,12 @@ class PipelineSettings(_Section):
     follow_up_window_s: float = Field(
         5.0, ge=0.0, description="Listen again without wake word after a reply (persona may override)."
     )
-    local_commands: bool = Field(True, description="Handle 'stop', 'louder', timers without the LLM.")
+    local_commands: bool = Field(
+        True, description="Handle 'stop', 'louder', timers without the LLM."
+    )
+    speculative_stt: bool = Field(
+        True, description="Transcribe during the end-of-speech silence window (saves STT time)."
+    )
 
 
 class StorageSettings(_Section):
