@@ -253,6 +253,8 @@ class App:
         return [str(e) for e in errors]
 
     async def aclose(self) -> None:
+        if hasattr(self, "conversation"):
+            await self.conversation.aclose()
         for name in ("buttons", "led"):
             part = self.extensions.get(name)
             if part is not None:

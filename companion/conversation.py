@@ -38,6 +38,7 @@ SUMMARY_PROMPT = (
 KEEP_AFTER_SUMMARY = 0.5
 SUMMARY_CHUNK_TOKENS = 600  # turns folded per LLM call (keeps the summary prompt small)
 MESSAGE_OVERHEAD_TOKENS = 4  # chat-template tokens around each message
+NEXT_TURN_KEY = "@next-turn"  # LLM state: persona + summary + history, evaluated ahead of a turn
 
 
 class SessionNotFoundError(LookupError):
@@ -130,6 +131,7 @@ class ConversationManager:
         self._switch_lock = asyncio.Lock()
         self._summaries: dict[str, asyncio.Task[bool]] = {}
         self._warming: asyncio.Task[None] | None = None
+        self._preparing: asyncio.Task[None] | None = None
         stored = store.get_value(ACTIVE_PERSONA_KEY)
         if stored not in personas:
             stored = default_persona if default_persona in personas else (personas.ids() or [None])[0]
@@ -218,6 +220,8 @@ class ConversationManager:
             session_id = await self._session_after_switch(target.id, preserve_context)
             self.active_persona_id = target.id
             await self.store.run(self.store.set_value, ACTIVE_PERSONA_KEY, target.id)
+            if preserve_context:  # the kept history under the new prompt: read it ahead
+                self._prepare_in_background(session_id, target)
         latency_ms = (time.perf_counter() - started) * 1000
         self.bus.emit(EventType.PERSONA_SWITCHED, previous=previous, persona_id=target.id,
                       session_id=session_id, latency_ms=latency_ms,
@@ -357,6 +361,13 @@ class ConversationManager:
         summary, history = found
         kept, overflow = fit_history(history, self.settings.history_token_budget,
                                      self.llm.count_tokens)
+        messages = self._context(persona, summary, kept, system_prompt)
+        messages.append({"role": "user", "content": text})
+        return messages, overflow
+
+    def _context(self, persona: Persona, summary: str, kept: Sequence[Message],
+                 system_prompt: str | None = None) -> list[ChatMessage]:
+        """Everything of a prompt before the user's new words."""
         messages: list[ChatMessage] = (
             [{"role": "system", "content": system_prompt}] if system_prompt is not None
             else self.persona_messages(persona)
@@ -365,8 +376,36 @@ class ConversationManager:
             messages.append({"role": "system",
                              "content": f"Earlier in this conversation: {summary}"})
         messages.extend({"role": m.role, "content": m.content} for m in kept)  # type: ignore[misc]
-        messages.append({"role": "user", "content": text})
-        return messages, overflow
+        return messages
+
+    async def prepare_next_turn(self, session_id: str, persona: Persona | None = None) -> bool:
+        """Evaluate the next turn's context (persona prompt, summary, kept history) now, while
+        the user is listening or thinking, so the turn reads only its new words. Used after a
+        summary changed the prompt's start and after a switch that keeps the history."""
+        warm = getattr(self.llm, "warm_prefix", None)
+        found = await self._history(session_id)
+        if warm is None or found is None:
+            return False
+        summary, history = found
+        kept, _ = fit_history(history, self.settings.history_token_budget, self.llm.count_tokens)
+        if not summary and not kept:
+            return False  # the persona's own prefix state covers it
+        await warm(NEXT_TURN_KEY, self._context(persona or self.active_persona, summary, kept))
+        return True
+
+    def _prepare_in_background(self, session_id: str, persona: Persona) -> None:
+        if self._preparing is not None and not self._preparing.done():
+            self._preparing.cancel()
+        self._preparing = asyncio.create_task(self._prepare_quietly(session_id, persona),
+                                              name="prepare-next-turn")
+
+    async def _prepare_quietly(self, session_id: str, persona: Persona) -> None:
+        try:
+            await self.prepare_next_turn(session_id, persona)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("preparing the next turn failed", session_id=session_id)
 
     # --- summaries ------------------------------------------------------------------------------
 
@@ -399,6 +438,8 @@ class ConversationManager:
             summary, history = found
             _, overflow = fit_history(history, keep_budget, self.llm.count_tokens)
             if not overflow:
+                if changed and session_id == self.active_session_id:
+                    await self.prepare_next_turn(session_id)
                 return changed
             chunk, used = [], 0
             for message in overflow:  # the oldest first, a bounded piece per LLM call
@@ -434,6 +475,15 @@ class ConversationManager:
     async def wait_for_summaries(self) -> None:
         if self._summaries:
             await asyncio.gather(*self._summaries.values(), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Stop the background work (summaries, warming, preparing) and wait for it."""
+        tasks = [t for t in (*self._summaries.values(), self._warming, self._preparing)
+                 if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
 
 async def announce_switch(speech: Speaker, result: SwitchResult, **kwargs: Any) -> None:

@@ -12,6 +12,7 @@ import pytest
 from companion.conversation import (
     ACTIVE_SESSION_KEY,
     KEEP_AFTER_SUMMARY,
+    NEXT_TURN_KEY,
     PersonaNotFoundError,
     SessionNotFoundError,
     announce_switch,
@@ -204,6 +205,18 @@ async def test_cold_switch_evaluates_the_prompt_and_an_edited_persona_gets_a_new
     app.store.close()
 
 
+async def test_the_next_turn_is_read_ahead_after_a_switch_that_keeps_history(tmp_path: Path) -> None:
+    llm = FakeChatModel("Noted.")
+    app = await started(make_settings(tmp_path), llm=llm)
+    await ask(app, "My name is Anna.")
+    await app.conversation.switch_persona("medication_nurse", preserve_context=True)
+    await until(lambda: NEXT_TURN_KEY in llm.prefixes)
+    ahead = llm.prefixes[NEXT_TURN_KEY]
+    await ask(app, "What is my name?")
+    assert llm.prompts[-1][: len(ahead)] == ahead and len(ahead) == 3  # Nora, question, answer
+    await app.aclose()
+
+
 # --- budget and summary --------------------------------------------------------------------------
 
 
@@ -240,9 +253,11 @@ async def test_older_turns_are_folded_into_a_summary_in_the_background(tmp_path:
     left = app.store.messages(sid, after_id=session.summarized_upto)
     assert sum(message_tokens(m, llm.count_tokens) for m in left) <= 100 * KEEP_AFTER_SUMMARY
     assert left[0].role == "user"
+    ahead = llm.prefixes[NEXT_TURN_KEY]  # evaluated right after the summary
     await ask(app, "what did we talk about")
     prompt = llm.prompts[-1]
     assert prompt[1] == {"role": "system", "content": "Earlier in this conversation: short answer here"}
+    assert prompt[: len(ahead)] == ahead
     # the summary is folded on: the second summary call is given the first one
     for i in range(12):
         await ask(app, f"more words number {i} here")
