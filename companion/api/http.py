@@ -251,12 +251,13 @@ ROUTES: list[Route] = []
 
 def route(method: str, path: str, *, summary: str, tag: str, body: type[BaseModel] | None = None,
           response: type[BaseModel] | None = None, media_type: str = "application/json",
-          errors: tuple[int, ...] = (), description: str = "", response_description: str = ""):
+          errors: tuple[int, ...] = (), description: str = "", response_description: str = "",
+          events: tuple[tuple[str, type[BaseModel]], ...] = ()):
     def register(fn: Callable[..., Awaitable[Any]]):
         params = tuple(re.findall(r"{(\w+)}", path))
         ROUTES.append(Route(method, path, fn, summary, tag, body, response, media_type, errors,
                             description or (fn.__doc__ or "").strip(), response_description,
-                            params))
+                            params, events))
         return fn
     return register
 
@@ -569,6 +570,7 @@ async def chat(request: web.Request, body: s.ChatRequest) -> s.ChatResponse:
 
 @route("POST", "/v1/chat/stream", summary="One chat turn as Server-Sent Events", tag="chat",
        body=s.ChatRequest, media_type="text/event-stream", errors=(404,),
+       events=(("message", s.StreamDelta), ("done", s.StreamDone), ("error", s.ErrorResponse)),
        response_description="`event: message` with `data: {\"delta\": ...}` per piece of the "
        "reply, then `event: done` with `data:` a StreamDone object (or `event: error` with an "
        "ErrorResponse object).")
@@ -582,7 +584,7 @@ async def chat_stream(request: web.Request, body: s.ChatRequest) -> web.StreamRe
                             headers={"Cache-Control": "no-cache",
                                      "X-Accel-Buffering": "no"}) as sse:
         async def send(delta: str) -> None:
-            await sse.send(json.dumps({"delta": delta}), event="message")
+            await sse.send(s.StreamDelta(delta=delta).model_dump_json(), event="message")
 
         try:
             await _generate(request, body, reply, send)
@@ -868,7 +870,6 @@ def openapi_document() -> dict[str, Any]:
     from companion.app import VERSION
 
     return build_openapi(ROUTES, title="companion local API", version=VERSION,
-                         extra_models=(s.StreamDone,),
                          description="The device's local HTTP API (SPEC §3). Errors: "
                                      "{\"error\": {code, message, details, request_id}}.")
 

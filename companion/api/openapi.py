@@ -35,6 +35,7 @@ class Route:
     description: str = ""
     response_description: str = ""
     path_params: tuple[str, ...] = field(default=())
+    events: tuple[tuple[str, type[BaseModel]], ...] = ()  # SSE: (event name, model of its data)
 
     @property
     def protected(self) -> bool:
@@ -71,11 +72,9 @@ RATE_HEADERS = {
 }
 
 
-def build_openapi(routes: Sequence[Route], *, title: str, version: str, description: str = "",
-                  extra_models: Sequence[type[BaseModel]] = ()) -> dict[str, Any]:
-    """``extra_models``: bodies that are not a whole response (an SSE event's data)."""
+def build_openapi(routes: Sequence[Route], *, title: str, version: str,
+                  description: str = "") -> dict[str, Any]:
     models = _models(routes)
-    models["out"] += [m for m in extra_models if m not in models["out"]]
     key_map, defs = models_json_schema(
         [(m, "validation") for m in models["in"]] + [(m, "serialization") for m in models["out"]],
         ref_template=REF,
@@ -89,10 +88,11 @@ def build_openapi(routes: Sequence[Route], *, title: str, version: str, descript
         headers = {**COMMON_HEADERS, **(RATE_HEADERS if route.protected else {})}
         if route.response is not None:
             content = {route.media_type: {"schema": ref(route.response, "serialization")}}
-        elif route.media_type == "text/event-stream":
-            content = {route.media_type: {"schema": {"type": "string"}}}
-        else:
-            content = {route.media_type: {"schema": {"type": "string"}}}
+        elif route.events:  # OpenAPI 3.1: an event stream's schema describes one event
+            content = {route.media_type: {"schema": _sse_event_schema(route, ref)}}
+        else:  # the OpenAPI document itself (an object), Prometheus text (a string)
+            kind = "object" if route.media_type == "application/json" else "string"
+            content = {route.media_type: {"schema": {"type": kind}}}
         responses: dict[str, Any] = {
             "200": {"description": route.response_description or "OK", "headers": headers,
                     "content": content}}
@@ -137,9 +137,23 @@ def build_openapi(routes: Sequence[Route], *, title: str, version: str, descript
     }
 
 
+def _sse_event_schema(route: Route, ref) -> dict[str, Any]:
+    """One Server-Sent Event: its name and its ``data`` (a JSON text of the named model)."""
+    variants = [{
+        "type": "object", "required": ["event", "data"],
+        "properties": {
+            "event": {"const": name},
+            "data": {"type": "string", "contentMediaType": "application/json",
+                     "contentSchema": ref(model, "serialization")},
+            "id": {"type": "string"}, "retry": {"type": "integer"}},
+    } for name, model in route.events]
+    return {"oneOf": variants}
+
+
 def _models(routes: Iterable[Route]) -> dict[str, list[type[BaseModel]]]:
     inputs = _unique(r.body for r in routes if r.body is not None)
-    outputs = _unique([*(r.response for r in routes if r.response is not None), ErrorResponse])
+    outputs = _unique([*(r.response for r in routes if r.response is not None),
+                       *(m for r in routes for _, m in r.events), ErrorResponse])
     return {"in": inputs, "out": outputs}
 
 

@@ -119,6 +119,12 @@ class ChatResponse(_Response):
     spoken: bool = Field(False, description="True when the reply is being said aloud.")
 
 
+class StreamDelta(_Response):
+    """The ``data`` of each ``event: message`` of /v1/chat/stream."""
+
+    delta: str
+
+
 class StreamDone(_Response):
     """The ``data`` of the final ``event: done`` of /v1/chat/stream."""
 
@@ -135,6 +141,12 @@ class StreamDone(_Response):
 
 
 class CommandRequest(_Request):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"command": "time"}, {"command": "volume", "args": {"level": 40}},
+        {"command": "timer", "args": {"minutes": 5, "label": "tea"}},
+        {"command": "say", "args": {"text": "Lunch is ready."}}, {"command": "status"},
+    ]})
+
     command: str = Field(min_length=1, max_length=64)
     args: dict[str, Any] = Field(default_factory=dict)
 
@@ -233,6 +245,10 @@ class PersonaDetail(PersonaSummary):
 
 
 class SwitchRequest(_Request):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"target_persona_id": "medication_nurse", "preserve_context": True},
+        {"target_persona_id": "companion", "preserve_context": False}]})
+
     target_persona_id: str = Field(min_length=1, max_length=64)
     preserve_context: bool = True
     transition_message: str | None = Field(None, min_length=1, max_length=1000,
