@@ -156,12 +156,15 @@ class ControlLink:
         self._event_frames: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._commands: asyncio.Queue[tuple[Command, float]] = asyncio.Queue()
         self._duplicates: dict[str, int] = {}
+        self._claims = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._ws: ClientConnection | None = None
         self._got_frame = False
         self.executed: list[str] = []  # command ids run by this process, in order (diagnostics)
         app.extensions["control"] = self.status
         app.extensions["control_link"] = self
+        # subscribe now: what happens before run() is scheduled is kept too
+        self._unsubscribe = app.bus.add_callback(self._on_event)
 
     @property
     def settings(self) -> ControlPlaneSettings:
@@ -174,14 +177,13 @@ class ControlLink:
         if interrupted:
             log.warning("commands interrupted by a restart are acked as failed", ids=interrupted)
         self._sync_depth()
-        unsubscribe = self.app.bus.add_callback(self._on_event)
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._event_writer(), name="control-events")
                 group.create_task(self._command_worker(), name="control-commands")
                 group.create_task(self._connect_loop(), name="control-connect")
         finally:
-            unsubscribe()
+            self._unsubscribe()
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -339,7 +341,12 @@ class ControlLink:
         if command.type == RECEIVED:
             await self._on_receipt(command.payload.ids, command.payload.server_time)
             return
-        await self.accept(command, received_at)
+        # the claim (a row in SQLite) and the start of the command must not be split by the
+        # link dropping: shielded, a claimed command always runs
+        accepting = asyncio.create_task(self.accept(command, received_at))
+        self._tasks.add(accepting)
+        accepting.add_done_callback(self._tasks.discard)
+        await asyncio.shield(accepting)
 
     async def _on_receipt(self, ids: list[str], server_time: float | None) -> None:
         now = self.clock()
@@ -358,13 +365,15 @@ class ControlLink:
     async def accept(self, command: Command, received_at: float | None = None) -> None:
         """Run a command once: a duplicate is acked again with the stored result."""
         received_at = time.monotonic() if received_at is None else received_at
-        state, result = await self.app.store.run(self.outbox.begin, command.id, command.type)
+        async with self._claims:  # a duplicate is counted, or sees "done": never both, never neither
+            state, result = await self.app.store.run(self.outbox.begin, command.id, command.type)
+            if state == "running":
+                self._duplicates[command.id] = self._duplicates.get(command.id, 0) + 1
         if state == "done":
             log.info("duplicate command: acking again", command_id=command.id, type=command.type)
             await self.enqueue(device_frame(ACK, {**(result or {}), "duplicate": True}))
             return
         if state == "running":
-            self._duplicates[command.id] = self._duplicates.get(command.id, 0) + 1
             return
         if command.type in CONCURRENT_TYPES or self.handlers.is_urgent(command):
             task = asyncio.create_task(self._execute(command, received_at),
@@ -398,9 +407,10 @@ class ControlLink:
             ack.update(ok=False, error=f"{type(exc).__name__}: {exc}")
             log.exception("command crashed", command_id=command.id, type=command.type)
         ack["latency_ms"] = round((time.monotonic() - received_at) * 1000, 2)
-        extra = self._duplicates.pop(command.id, 0)
-        await self.app.store.run(lambda: self.outbox.finish(command.id, device_frame(ACK, ack),
-                                                            extra_acks=extra))
+        async with self._claims:
+            extra = self._duplicates.pop(command.id, 0)
+            await self.app.store.run(lambda: self.outbox.finish(
+                command.id, device_frame(ACK, ack), extra_acks=extra))
         self._sync_depth()
         if outcome.after is not None:
             try:
