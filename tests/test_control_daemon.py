@@ -21,8 +21,6 @@ from typing import Any
 
 import pytest
 
-from companion.settings import PROJECT_ROOT
-
 pytestmark = pytest.mark.models
 
 TOKEN = "fleet-token"

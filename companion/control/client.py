@@ -233,6 +233,7 @@ class ControlLink:
                     await self._closed(ws)
                 if good:
                     self.backoff.reset(dropped=True)
+                    self.status.retries = 0
             if delay is None:
                 delay = self.backoff.next_delay()
             self.status.next_retry_s = round(delay, 3)
