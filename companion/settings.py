@@ -157,7 +157,7 @@ class ControlPlaneSettings(_Section):
     backoff_max_s: float = Field(60.0, gt=0.0, description="Reconnect delay cap.")
     backoff_fatal_s: float = Field(300.0, gt=0.0, description="Delay after a 401/403.")
     reconnect_spread_s: float = Field(
-        10.0, gt=0.0, description="After a working link drops, the first retry waits a random "
+        15.0, gt=0.0, description="After a working link drops, the first retry waits a random "
         "0..this many seconds, so a fleet does not stampede a restarted control plane."
     )
     outbox_max: int = Field(5000, ge=10, description="Messages kept while the link is down.")
