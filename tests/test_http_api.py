@@ -543,3 +543,40 @@ async def test_openapi_served_matches_generated(api):
     client, _ = api
     async with asyncio.timeout(5):
         assert await (await client.get("/api-docs/openapi.json")).json() == openapi_document()
+
+
+# --- serving --------------------------------------------------------------------------------------
+
+
+async def test_serve_http_runs_until_cancelled(tmp_path):
+    import aiohttp
+
+    from companion.api.http import serve_http
+    from tests.conftest import fake_app, make_settings
+
+    app = fake_app(make_settings(tmp_path, api={"port": 0}))
+    async with asyncio.timeout(10):
+        server = asyncio.create_task(serve_http(app))  # before start(): /health must answer
+        await wait_for(lambda: "http_addresses" in app.extensions)
+        host, port = app.extensions["http_addresses"][0][:2]
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://{host}:{port}/health") as r:
+                assert r.status == 200
+            await app.start()
+            async with session.get(f"http://{host}:{port}/ready") as r:
+                assert r.status == 200
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+    assert server.cancelled()
+    await app.aclose()
+
+
+async def test_serve_http_refuses_an_open_non_loopback_bind(tmp_path):
+    from companion.api.http import serve_http
+    from tests.conftest import fake_app, make_settings
+
+    app = fake_app(make_settings(tmp_path, api={"host": "0.0.0.0", "port": 0}))
+    with pytest.raises(RuntimeError, match=r"api\.keys"):
+        async with asyncio.timeout(5):
+            await serve_http(app)
+    app.store.close()
