@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import structlog
@@ -68,6 +69,28 @@ class SpeechOutput:
     async def speak(self, sentences: AsyncIterable[str], voice: VoiceParams, *,
                     turn_id: str | None = None, interrupt: bool = False,
                     on_first_audio=None) -> SpeechStats:
+        stats = SpeechStats()
+        async with self._turn_at_the_speaker(interrupt):
+            await self._pipeline(sentences, voice, turn_id, stats, on_first_audio)
+        stats.completed = True
+        return stats
+
+    async def play_clip(self, clip: AudioClip, *, turn_id: str | None = None,
+                        interrupt: bool = False, label: str = "(audio)") -> None:
+        """Play recorded audio (a control-plane clip) the way speech is played: one at a time,
+        stoppable, with playback events."""
+        async with self._turn_at_the_speaker(interrupt):
+            assert self.sink is not None
+            self.bus.emit(EventType.PLAYBACK_START, turn_id, text=label,
+                          audio_s=round(clip.duration_s, 3))
+            try:
+                await self.sink.play(clip)
+            finally:
+                self.bus.emit(EventType.PLAYBACK_END, turn_id, text=label)
+
+    @asynccontextmanager
+    async def _turn_at_the_speaker(self, interrupt: bool):
+        """Wait for the speaker (or take it, with ``interrupt``); ``stop()`` can cancel us."""
         if self.sink is None:
             raise AudioUnavailableError("no audio output device: cannot speak")
         if interrupt:
@@ -75,12 +98,9 @@ class SpeechOutput:
         task = asyncio.current_task()
         assert task is not None
         self._speaking.add(task)
-        stats = SpeechStats()
         try:
             async with self._lock:
-                await self._pipeline(sentences, voice, turn_id, stats, on_first_audio)
-            stats.completed = True
-            return stats
+                yield
         finally:
             self._speaking.discard(task)
 

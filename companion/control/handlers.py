@@ -185,16 +185,12 @@ class CommandHandlers:
         sink, speech = self.app.speech.sink, self.app.speech
         if sink is None:
             raise CommandFailed("no audio output device: cannot play audio")
-        if priority >= PRIORITY_AFTER_SENTENCE and speech.speaking:
-            if priority < PRIORITY_NOW:
-                await self._end_of_sentence()
-            speech.stop()
-        await self._wait_quiet(120)
-        self.app.bus.emit(EventType.PLAYBACK_START, text="(audio)", audio_s=round(clip.duration_s, 3))
-        try:
-            await sink.play(clip)
-        finally:
-            self.app.bus.emit(EventType.PLAYBACK_END, text="(audio)")
+        cut_in = priority >= PRIORITY_AFTER_SENTENCE and speech.speaking
+        if cut_in and priority < PRIORITY_NOW:
+            await self._end_of_sentence()
+        if not cut_in:
+            await self._wait_quiet(120)
+        await speech.play_clip(clip, interrupt=cut_in)
 
     # --- LEDs --------------------------------------------------------------------------------------
 
