@@ -253,6 +253,9 @@ class App:
         return [str(e) for e in errors]
 
     async def aclose(self) -> None:
+        commands = self.extensions.get("commands")  # timers and background speech
+        if commands is not None:
+            await commands.aclose()
         if hasattr(self, "conversation"):
             await self.conversation.aclose()
         for name in ("buttons", "led"):
