@@ -132,6 +132,10 @@ class ConversationManager:
         self._summaries: dict[str, asyncio.Task[bool]] = {}
         self._warming: asyncio.Task[None] | None = None
         self._preparing: asyncio.Task[None] | None = None
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
         stored = store.get_value(ACTIVE_PERSONA_KEY)
         if stored not in personas:
             stored = default_persona if default_persona in personas else (personas.ids() or [None])[0]
@@ -186,11 +190,17 @@ class ConversationManager:
 
     def personas_reloaded(self) -> None:
         """After the library was re-read: warm the personas whose prompt is new or changed
-        (in the background; a state of an old prompt is never used for a new one)."""
+        (in the background; a state of an old prompt is never used for a new one). Safe to
+        call from a worker thread (the HTTP API reloads in one)."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._start_warming)
             return
+        self._start_warming()
+
+    def _start_warming(self) -> None:
         if self._warming is None or self._warming.done():
             self._warming = asyncio.create_task(self._warm_quietly(), name="warm-personas")
 

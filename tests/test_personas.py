@@ -168,8 +168,9 @@ async def test_daemon_starts_with_the_good_personas_and_reloads_on_request(tmp_p
 
     (lib / "entertainer.toml").write_text((SHIPPED / "entertainer.toml").read_text())
     (lib / "medication_nurse.toml").write_text("id = ")  # broken while running
-    errors = app.reload_personas()
+    errors = await asyncio.to_thread(app.reload_personas)  # as POST /v1/personas/reload does
     assert any("medication_nurse.toml" in e for e in errors)
+    await until(lambda: app.conversation.prefix_ready("entertainer"))  # warmed in the background
     assert app.personas.ids() == ["companion", "entertainer", "medication_nurse"]
     async with asyncio.timeout(5):
         result = await app.conversation.switch_persona("medication_nurse")
