@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,10 +41,14 @@ class FasterWhisperTranscriber:
             cpu_threads=settings.threads, local_files_only=True,
         )
         self._lock = threading.Lock()  # one transcription at a time on the shared model
+        # one thread owns CTranslate2, so its OpenMP team is made once (see stages/llm.py)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisper")
 
     async def transcribe(self, pcm: bytes, *, language: str | None = None) -> Transcript:
         audio = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
-        return await asyncio.to_thread(self._run, audio, language or self.settings.language)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._run, audio,
+                                          language or self.settings.language)
 
     def _run(self, audio: np.ndarray, language: str) -> Transcript:
         with self._lock:
