@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from companion.compute import ComputeGate
 from companion.conversation import ConversationManager
 from companion.devices.audio import AudioSink, AudioSource, AudioUnavailableError
 from companion.events import EventBus, EventType
@@ -75,6 +76,7 @@ class App:
         self.status = DeviceStatus(self.bus, settings.device_id,
                                    volume=settings.audio.output_volume)
         self.registry = ModelRegistry(settings.models_dir)
+        self.compute_gate = ComputeGate()  # speech the user waits for goes before LLM tokens
         self.store = parts.store or Store(settings.db_path)
         self.ready = asyncio.Event()
         self.load_error: str | None = None
@@ -93,12 +95,12 @@ class App:
         """Load models (in threads: the loop keeps serving /health meanwhile) and wire the
         pipeline. A model that fails is reported on its component and in /ready."""
         p, s = self.parts, self.settings
-        await self._load("tts", lambda: p.tts or _real_tts(s, self.registry), attr="tts")
+        await self._load("tts", lambda: p.tts or _real_tts(s, self.registry, self.compute_gate), attr="tts")
         self.personas = PersonaLibrary(s.personas.dir, voice_exists=self.tts.has_voice)
         errors = self.personas.load()
         for error in errors:
             log.warning("persona file rejected", error=str(error))
-        await self._load("llm", lambda: p.llm or _real_llm(s, self.registry), attr="llm")
+        await self._load("llm", lambda: p.llm or _real_llm(s, self.registry, self.compute_gate), attr="llm")
         self.conversation = ConversationManager(
             llm=self.llm, store=self.store, personas=self.personas, settings=s.llm, bus=self.bus,
             default_persona=s.personas.default,
@@ -128,7 +130,7 @@ class App:
             log.warning("no microphone: the voice loop is off; the HTTP API, chat and the "
                         "control link keep working")
             return
-        await self._load("stt", lambda: p.stt or _real_stt(s, self.registry), attr="stt")
+        await self._load("stt", lambda: p.stt or _real_stt(s, self.registry, self.compute_gate), attr="stt")
         await self._load("vad", lambda: p.vad or _real_vad(s), attr="vad")
         if s.wake.enabled:
             await self._load("wake_word", lambda: p.wake or _real_wake(s, self.registry),
@@ -293,22 +295,25 @@ def install_signal_handlers(app: App, main_task: asyncio.Task) -> None:
 # --- the real implementations -------------------------------------------------------------------
 
 
-def _real_tts(s: CompanionSettings, registry: ModelRegistry) -> Synthesizer:
+def _real_tts(s: CompanionSettings, registry: ModelRegistry,
+              gate: ComputeGate | None = None) -> Synthesizer:
     from companion.stages.tts import PiperSynthesizer
 
-    return PiperSynthesizer(s.tts, registry)
+    return PiperSynthesizer(s.tts, registry, gate=gate)
 
 
-def _real_llm(s: CompanionSettings, registry: ModelRegistry) -> ChatModel:
+def _real_llm(s: CompanionSettings, registry: ModelRegistry,
+              gate: ComputeGate | None = None) -> ChatModel:
     from companion.stages.llm import LlamaCppChatModel
 
-    return LlamaCppChatModel(s.llm, registry)
+    return LlamaCppChatModel(s.llm, registry, gate=gate)
 
 
-def _real_stt(s: CompanionSettings, registry: ModelRegistry) -> Transcriber:
+def _real_stt(s: CompanionSettings, registry: ModelRegistry,
+              gate: ComputeGate | None = None) -> Transcriber:
     from companion.stages.stt import FasterWhisperTranscriber
 
-    return FasterWhisperTranscriber(s.stt, registry)
+    return FasterWhisperTranscriber(s.stt, registry, gate=gate)
 
 
 def _real_vad(s: CompanionSettings) -> SpeechClassifier:

@@ -130,6 +130,7 @@ class LlmSettings(_Section):
 class TtsSettings(_Section):
     voice: str = Field("en_US-joe-medium", description="Default piper voice (manifest name).")
     voice_cache_size: int = Field(3, ge=1, description="Loaded voices kept in memory.")
+    threads: int = Field(2, ge=1, description="CPU threads for piper's onnxruntime session.")
     sentence_silence_s: float = Field(0.15, ge=0.0, description="Pause between sentences.")
 
 

@@ -63,3 +63,30 @@ async def test_real_openwakeword_stays_quiet_on_other_speech(tmp_path):
     async with asyncio.timeout(20):
         for i in range(0, len(pcm), 960):
             assert await detector.process(pcm[i : i + 960]) is None
+
+
+@pytest.mark.models
+async def test_after_reset_the_same_word_does_not_fire_again(tmp_path):
+    """The turn the word started takes the audio; when it ends, the detector must not fire
+    on what it heard before (openWakeWord keeps that audio in its feature buffers)."""
+    from companion.devices.audio import read_wav_16k_mono
+    from companion.models import ModelRegistry
+    from companion.settings import PROJECT_ROOT
+    from companion.stages.wake import OpenWakeWordDetector
+    from scripts.make_utterance_wav import make
+
+    wav = await asyncio.to_thread(make, tmp_path / "w.wav", wake="Hey Jarvis.", text=None,
+                                  tail_s=0.0)
+    pcm = read_wav_16k_mono(wav)
+    detector = OpenWakeWordDetector(WakeSettings(refractory_s=0.0), ModelRegistry(PROJECT_ROOT / "models"))
+    async with asyncio.timeout(20):
+        fired_at = None
+        for i in range(0, len(pcm), 1280):
+            if await detector.process(pcm[i : i + 1280]):
+                fired_at = i
+                break
+        assert fired_at is not None
+        detector.reset()
+        silence = bytes(1280 * 2)
+        for _ in range(25):  # 2 s of quiet after the turn
+            assert await detector.process(silence) is None

@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, TypedDict
 import numpy as np
 import structlog
 
+from companion.compute import ComputeGate
 from companion.models import ModelRegistry
 from companion.settings import LlmSettings
 
@@ -89,7 +90,8 @@ class LlamaCppChatModel:
     so the tokens compared with a kept persona prefix are exactly the tokens evaluated.
     """
 
-    def __init__(self, settings: LlmSettings, registry: ModelRegistry) -> None:
+    def __init__(self, settings: LlmSettings, registry: ModelRegistry, *,
+                 gate: ComputeGate | None = None) -> None:
         from llama_cpp import Llama  # heavy; import only when used
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -97,6 +99,7 @@ class LlamaCppChatModel:
         self.model_name = resolved.entry.name
         self.model_path = resolved.file
         self.settings = settings
+        self.gate = gate or ComputeGate()
         self._llama = Llama(
             model_path=str(resolved.file), n_ctx=settings.context_length,
             n_threads=settings.threads, n_batch=512, verbose=False,
@@ -195,6 +198,8 @@ class LlamaCppChatModel:
                     if cancel.is_set():
                         stats.finish_reason = "cancelled"
                         break
+                    # the next token waits while speech the user is waiting for is synthesized
+                    self.gate.wait_for_priority_work()
                     choice = chunk["choices"][0]  # type: ignore[index]
                     if choice["text"]:
                         text.append(choice["text"])

@@ -10,6 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
+from companion.compute import ComputeGate
 from companion.models import ModelRegistry
 from companion.settings import SttSettings
 
@@ -30,12 +31,14 @@ class Transcriber(Protocol):
 
 
 class FasterWhisperTranscriber:
-    def __init__(self, settings: SttSettings, registry: ModelRegistry) -> None:
+    def __init__(self, settings: SttSettings, registry: ModelRegistry, *,
+                 gate: ComputeGate | None = None) -> None:
         from faster_whisper import WhisperModel  # heavy; import only when used
 
         resolved = registry.resolve(settings.model, kind="stt")
         self.model_name = resolved.entry.name
         self.settings = settings
+        self.gate = gate or ComputeGate()
         self._model = WhisperModel(
             str(resolved.directory), device="cpu", compute_type=settings.compute_type,
             cpu_threads=settings.threads, local_files_only=True,
@@ -51,7 +54,7 @@ class FasterWhisperTranscriber:
                                           language or self.settings.language)
 
     def _run(self, audio: np.ndarray, language: str) -> Transcript:
-        with self._lock:
+        with self._lock, self.gate.priority():  # the user is waiting: background LLM work yields
             segments, info = self._model.transcribe(
                 audio, language=language,
                 beam_size=self.settings.beam_size, vad_filter=False,

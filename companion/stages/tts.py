@@ -6,10 +6,12 @@ import asyncio
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from companion.compute import ComputeGate, quiet_onnx_session_options
 from companion.models import ModelRegistry
 from companion.settings import TtsSettings
 
@@ -45,10 +47,12 @@ class Synthesizer(Protocol):
 
 
 class PiperSynthesizer:
-    def __init__(self, settings: TtsSettings, registry: ModelRegistry) -> None:
+    def __init__(self, settings: TtsSettings, registry: ModelRegistry, *,
+                 gate: ComputeGate | None = None) -> None:
         import piper  # noqa: F401  heavy; fail here, at start, if it is missing
 
         self.settings = settings
+        self.gate = gate or ComputeGate()
         self._registry = registry
         self._voices: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
@@ -67,11 +71,9 @@ class PiperSynthesizer:
             if name in self._voices:
                 self._voices.move_to_end(name)
                 return self._voices[name]
-        from piper import PiperVoice
-
         resolved = self._registry.resolve(name, kind="tts")
         config = resolved.config_file
-        voice = PiperVoice.load(resolved.file, config_path=config)
+        voice = _load_piper(resolved.file, config, threads=self.settings.threads)
         with self._lock:
             self._voices[name] = voice
             while len(self._voices) > self.settings.voice_cache_size:
@@ -94,8 +96,30 @@ class PiperSynthesizer:
             volume=params.volume, normalize_audio=True,
         )
         sample_rate = voice.config.sample_rate  # type: ignore[attr-defined]
-        parts = [chunk.audio_int16_bytes for chunk in voice.synthesize(text, syn_config=config)]  # type: ignore[attr-defined]
+        with self.gate.priority():  # the user is waiting for this sentence: the LLM steps aside
+            parts = [chunk.audio_int16_bytes
+                     for chunk in voice.synthesize(text, syn_config=config)]  # type: ignore[attr-defined]
         pcm = b"".join(parts)
         if not pcm:
             pcm = np.zeros(0, dtype=np.int16).tobytes()
         return AudioClip(pcm, sample_rate)
+
+
+def _load_piper(model: Path, config: Path | None, *, threads: int):
+    """PiperVoice.load, but with an onnxruntime session that does not spin (see compute.py)."""
+    import json
+
+    import onnxruntime
+    from piper import PiperVoice
+    from piper.config import PiperConfig
+    from piper.voice import ESPEAK_DATA_DIR
+
+    config_path = config or Path(f"{model}.json")
+    with open(config_path, encoding="utf-8") as fh:
+        config_dict = json.load(fh)
+    session = onnxruntime.InferenceSession(
+        str(model), sess_options=quiet_onnx_session_options(threads),
+        providers=["CPUExecutionProvider"],
+    )
+    return PiperVoice(config=PiperConfig.from_dict(config_dict), session=session,
+                      espeak_data_dir=Path(ESPEAK_DATA_DIR), download_dir=Path.cwd())

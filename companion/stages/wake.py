@@ -70,6 +70,8 @@ class OpenWakeWordDetector:
         self._names = {stem: word for stem, word in zip(self._model.models, settings.models, strict=True)}
         self.words = list(settings.models)
         self._scorer = WakeScorer(settings)
+        features = self._model.preprocessor
+        self._clean_features = (features.melspectrogram_buffer.copy(), features.feature_buffer.copy())
         self._pending = np.zeros(0, dtype=np.int16)
         self._samples_seen = 0
 
@@ -93,7 +95,14 @@ class OpenWakeWordDetector:
         return found
 
     def reset(self) -> None:
-        """Forget buffered audio and the model's score history (after a turn, so the tail of
-        the reply or the last detection cannot fire again)."""
+        """Forget the audio heard so far, so the word that started a turn cannot fire again
+        when the turn ends. openWakeWord's own reset() clears only the score history; its audio,
+        mel and embedding buffers still hold the word (measured: a second, spurious turn right
+        after many turns), so they are put back to their state at start too."""
         self._model.reset()
+        features = self._model.preprocessor
+        features.raw_data_buffer.clear()
+        features.accumulated_samples = 0
+        features.melspectrogram_buffer = self._clean_features[0].copy()
+        features.feature_buffer = self._clean_features[1].copy()
         self._pending = np.zeros(0, dtype=np.int16)
