@@ -166,7 +166,7 @@ async def cmd_simulate(settings: CompanionSettings, args: argparse.Namespace) ->
             await app.conversation.warm_personas()  # as the daemon does at start
             if args.no_wake:
                 app.voice.start_turn(trigger="button")
-            await app.voice.run()
+            await app.voice.run(hold_while_answering=args.fast)
             await app.voice.wait_idle()
         finally:
             sink.close()

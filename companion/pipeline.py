@@ -68,28 +68,33 @@ class VoiceLoop:
         self._turn_audio: asyncio.Queue[bytes | None] | None = None
         self._turns: set[asyncio.Task[None]] = set()
         self.source_ended = asyncio.Event()
+        self._listening = False  # a turn is taking microphone audio right now
 
     # --- the microphone pump --------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Pump the microphone until it ends (a WAV) or forever (a device)."""
+    async def run(self, *, hold_while_answering: bool = False) -> None:
+        """Pump the microphone until it ends (a WAV) or forever (a device).
+
+        ``hold_while_answering`` (simulation as fast as possible): a file has no clock, so the
+        virtual microphone waits while a turn thinks and speaks instead of racing ahead."""
         if self.source is None:
             raise RuntimeError("no microphone")
         try:
             async for block in self.source.blocks():
+                if hold_while_answering:
+                    while self.busy and not self._listening and self.turn is not None:
+                        await asyncio.wait({self.turn})
                 await self._route(block)
         finally:
             self.source_ended.set()
             if self._turn_audio is not None:
-                self._turn_audio.put_nowait(None)
+                _offer(self._turn_audio, None)
 
     async def _route(self, block: bytes) -> None:
         if self.status.muted:
             return
         if self._turn_audio is not None:
-            if self._turn_audio.full():
-                self._turn_audio.get_nowait()  # keep the newest audio
-            self._turn_audio.put_nowait(block)
+            _offer(self._turn_audio, block)
             return
         if self.wake is None or not self.settings.wake.enabled:
             return
@@ -215,13 +220,16 @@ class VoiceLoop:
         persona = self.conversation.active_persona
         vad_settings = self.settings.vad
         if follow_up:
-            window = persona.behavior_config.follow_up_window_s
+            window = self._follow_up_window_s(persona)
             vad_settings = vad_settings.model_copy(update={"no_speech_timeout_s": window})
         transcript = await self._listen_and_transcribe(turn_id, audio, vad_settings, timings)
         if transcript is None:
             return False
         self._turn_audio = None  # the wake detector hears again (barge-in)
-        text = transcript.text
+        text = self._without_wake_phrase(transcript.text)
+        if not text:  # only the wake word (said again in a follow-up window): listen anew
+            self.bus.emit(EventType.NO_SPEECH, turn_id, reason="wake word only")
+            return not self.source_ended.is_set() and self._follow_up_window_s(persona) > 0
         if self.intent_handler is not None and self.settings.pipeline.local_commands:
             action = await self.intent_handler(text, turn_id)
             if action is not None:
@@ -231,7 +239,24 @@ class VoiceLoop:
                 return False
         self.status.set_state(PipelineState.THINKING, turn_id)
         await self._answer(turn_id, text, timings)
-        return persona.behavior_config.follow_up_window_s > 0
+        return self._follow_up_window_s(persona) > 0
+
+    def _follow_up_window_s(self, persona) -> float:
+        """The persona's window, capped device-wide (pipeline.follow_up_window_s; 0 = off)."""
+        return min(persona.behavior_config.follow_up_window_s,
+                   self.settings.pipeline.follow_up_window_s)
+
+    def _without_wake_phrase(self, text: str) -> str:
+        """'Hey Jarvis, what time is it?' → 'what time is it?' (said in a follow-up window the
+        wake word reaches the transcript, not the detector)."""
+        words = self.wake.words if self.wake is not None else self.settings.wake.models
+        lowered = text.lower()
+        for word in words:
+            phrase = word.replace("_", " ").lower()
+            if lowered.lstrip(" ,.!?").startswith(phrase):
+                start = lowered.index(phrase) + len(phrase)
+                return text[start:].lstrip(" ,.!?")
+        return text.strip()
 
     async def _listen_and_transcribe(
         self, turn_id: str, audio: asyncio.Queue[bytes | None], vad_settings: VadSettings,
@@ -239,6 +264,7 @@ class VoiceLoop:
     ) -> Transcript | None:
         endpointer = Endpointer(vad_settings, self.vad)
         self.bus.emit(EventType.LISTEN_START, turn_id)
+        self._listening = True
         # (audio time where the pause began, transcription of everything up to it)
         speculative: tuple[float, asyncio.Task[Transcript]] | None = None
         state = SegmentState.WAITING
@@ -261,6 +287,7 @@ class VoiceLoop:
                         pcm = endpointer.result().audio
                         speculative = (pause_began, asyncio.create_task(self.stt.transcribe(pcm)))
             decided_at = time.perf_counter()
+            self._listening = False
             result = endpointer.result()
             if result.state in (SegmentState.WAITING, SegmentState.NO_SPEECH) or not result.audio:
                 self.bus.emit(EventType.NO_SPEECH, turn_id, audio_s=round(result.audio_s, 3))
@@ -293,6 +320,7 @@ class VoiceLoop:
                 return None
             return transcript
         finally:
+            self._listening = False
             if speculative is not None:
                 speculative[1].cancel()
 
@@ -380,3 +408,10 @@ class VoiceLoop:
             self._turn_audio = None
         self.status.set_state(PipelineState.MUTED if muted else PipelineState.IDLE)
         self.bus.emit(EventType.MUTE_CHANGED, muted=muted)
+
+
+def _offer(queue: asyncio.Queue, item) -> None:
+    """Put without waiting; when full, drop the oldest (the newest audio matters most)."""
+    if queue.full():
+        queue.get_nowait()
+    queue.put_nowait(item)

@@ -84,6 +84,10 @@ class VadSettings(_Section):
     speech_start_s: float = Field(
         0.09, ge=0.0, description="Speech needed before an utterance counts as started."
     )
+    min_speech_s: float = Field(
+        0.3, ge=0.0, description="An utterance with less speech than this is noise (the tail "
+        "of the wake word, a click): the endpointer goes on waiting."
+    )
     silence_end_s: float = Field(
         0.6, ge=0.1, description="Silence after speech that ends the utterance."
     )
@@ -190,7 +194,8 @@ class PersonaSettings(_Section):
 class PipelineSettings(_Section):
     turn_timeout_s: float = Field(60.0, gt=1.0, description="Whole-turn cap (wall clock).")
     follow_up_window_s: float = Field(
-        5.0, ge=0.0, description="Listen again without wake word after a reply (persona may override)."
+        10.0, ge=0.0, description="Device-wide cap on the persona's follow-up window (listening "
+        "again after a reply without the wake word); 0 turns follow-ups off."
     )
     local_commands: bool = Field(
         True, description="Handle 'stop', 'louder', timers without the LLM."

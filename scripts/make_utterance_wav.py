@@ -9,7 +9,6 @@ to 16 kHz mono 16-bit, with silence around it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import subprocess
 import tempfile
 import wave
@@ -28,7 +27,7 @@ def silence(seconds: float) -> bytes:
 
 
 def speak_piper(synth: PiperSynthesizer, text: str, length_scale: float) -> bytes:
-    clip = asyncio.run(synth.synthesize(text, VoiceParams(length_scale=length_scale)))
+    clip = synth._run(text, VoiceParams(length_scale=length_scale))  # blocking: usable anywhere
     return resample(clip.pcm, clip.sample_rate, RATE)
 
 

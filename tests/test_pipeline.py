@@ -237,3 +237,52 @@ async def test_listen_once_returns_a_transcript_without_answering(tmp_path):
     assert llm.prompts == []
     await pump
     await app.aclose()
+
+
+async def test_the_wake_words_tail_and_a_pause_do_not_swallow_the_question(tmp_path):
+    stt = FakeTranscriber()
+    settings = make_settings(tmp_path, pipeline={"follow_up_window_s": 0})
+    blocks = [wake_block()] + [speech_block()] * 2 + [BLOCK] * 25 + [speech_block()] * 20 + [BLOCK] * 40
+    app = fake_app(settings, source=FakeMic(blocks), stt=stt)
+    events = collect(app)
+    await app.start()
+    await run_mic(app)
+    assert speech_block() * 20 in stt.received[-1]
+    assert EventType.LLM_START in types(events)
+    await app.aclose()
+
+
+async def test_follow_ups_can_be_turned_off_device_wide(tmp_path):
+    settings = make_settings(tmp_path, pipeline={"follow_up_window_s": 0})
+    blocks = UTTERANCE[:-40] + [BLOCK] * 25 + [speech_block()] * 20 + [BLOCK] * 40
+    app = fake_app(settings, source=FakeMic(blocks, delay_s=0.002))
+    events = collect(app)
+    await app.start()
+    await run_mic(app)
+    assert [e.data["trigger"] for e in events if e.type is EventType.TURN_START] == ["wake"]
+    await app.aclose()
+
+
+async def test_a_wake_phrase_said_in_a_follow_up_is_not_answered_as_a_question(tmp_path):
+    llm = FakeChatModel()
+    stt = FakeTranscriber("Hey Jarvis, what is the time in Paris?")
+    settings = make_settings(tmp_path, pipeline={"follow_up_window_s": 0})
+    app = fake_app(settings, source=FakeMic(UTTERANCE), stt=stt, llm=llm)
+    await app.start()
+    await run_mic(app)
+    assert llm.prompts[-1][-1]["content"] == "what is the time in Paris?"
+    await app.aclose()
+
+
+async def test_only_the_wake_phrase_means_listen_again(tmp_path):
+    llm = FakeChatModel()
+    settings = make_settings(tmp_path)
+    app = fake_app(settings, source=FakeMic(UTTERANCE, delay_s=0.002),
+                   stt=FakeTranscriber("Hey Jarvis."), llm=llm)
+    events = collect(app)
+    await app.start()
+    await run_mic(app)
+    assert llm.prompts == []
+    no_speech = [e for e in events if e.type is EventType.NO_SPEECH]
+    assert no_speech[0].data["reason"] == "wake word only"
+    await app.aclose()

@@ -103,3 +103,26 @@ def test_real_webrtcvad_judges_silence_and_a_tone_differently():
     voiced = (8000 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.int16)
     # three 30 ms frames in one 90 ms block are judged frame by frame
     assert isinstance(vad.is_speech(voiced.tobytes()), bool)
+
+
+def test_too_little_speech_is_noise_and_waiting_goes_on():
+    """The tail of the wake word (a few blocks of speech) then the pause before the question
+    must not end the utterance: it is discarded and the question is the utterance."""
+    seg = SpeechSegmenter(SETTINGS.model_copy(update={"min_speech_s": 0.3}))
+    feed(seg, 0.09, True)  # 90 ms: starts a segment...
+    assert seg.state is SegmentState.SPEECH
+    assert feed(seg, 0.6, False) is SegmentState.WAITING  # ...but it is too short: discarded
+    assert seg.discarded == 1
+    feed(seg, 0.9, True)
+    assert feed(seg, 0.6, False) is SegmentState.ENDED
+    assert seg.speech_start_s == pytest.approx(0.69, abs=1e-6)
+
+
+def test_endpointer_drops_a_discarded_blip_from_the_utterance():
+    ep = Endpointer(SETTINGS, FakeVad())
+    blip = b"\x20\x20" * 480
+    for block in [blip] * 3 + [BLOCK] * 25 + [speech_block()] * 20 + [BLOCK] * 25:
+        ep.feed(block)
+    result = ep.result()
+    assert result.state is SegmentState.ENDED
+    assert blip not in result.audio and speech_block() * 20 in result.audio

@@ -39,7 +39,9 @@ class SpeechSegmenter:
         self.speech_end_s: float | None = None
         self._speech_run_s = 0.0
         self._silence_run_s = 0.0
+        self._speech_total_s = 0.0  # speech inside the current utterance
         self.hit_max_length = False
+        self.discarded = 0  # utterances thrown away as too short
 
     def process(self, chunk_s: float, is_speech: bool) -> SegmentState:
         if self.state in (SegmentState.ENDED, SegmentState.NO_SPEECH):
@@ -51,14 +53,25 @@ class SpeechSegmenter:
             if self._speech_run_s >= max(s.speech_start_s, chunk_s):
                 self.state = SegmentState.SPEECH
                 self.speech_start_s = self.audio_s - self._speech_run_s
+                self._speech_total_s = self._speech_run_s
                 self._silence_run_s = 0.0
             elif self.audio_s >= s.no_speech_timeout_s:
                 self.state = SegmentState.NO_SPEECH
             return self.state
         # inside speech
         self._silence_run_s = 0.0 if is_speech else self._silence_run_s + chunk_s
+        if is_speech:
+            self._speech_total_s += chunk_s
         assert self.speech_start_s is not None
-        if self._silence_run_s >= s.silence_end_s:
+        if self._silence_run_s >= s.silence_end_s and self._speech_total_s < s.min_speech_s:
+            # too little speech to be an utterance: wait on (the no-speech timeout still runs)
+            self.state = SegmentState.WAITING
+            self.speech_start_s = None
+            self._speech_run_s = self._silence_run_s = self._speech_total_s = 0.0
+            self.discarded += 1
+            if self.audio_s >= s.no_speech_timeout_s:
+                self.state = SegmentState.NO_SPEECH
+        elif self._silence_run_s >= s.silence_end_s:
             self.state = SegmentState.ENDED
             self.speech_end_s = self.audio_s - self._silence_run_s
         elif self.audio_s - self.speech_start_s >= s.max_utterance_s:
@@ -134,7 +147,10 @@ class Endpointer:
             else:
                 self._keep_pre_roll(block)
         elif before is SegmentState.SPEECH:
-            self._utterance.extend(block)
+            if state is SegmentState.SPEECH or state is SegmentState.ENDED:
+                self._utterance.extend(block)
+            else:  # discarded as too short: back to collecting pre-roll
+                self._utterance.clear()
         return state
 
     def result(self) -> EndpointResult:
