@@ -160,7 +160,11 @@ class ConversationManager:
 
     def persona_messages(self, persona: Persona) -> list[ChatMessage]:
         prompt = persona.full_system_prompt(with_character=self.settings.character_in_prompt)
-        return [{"role": "system", "content": prompt}]
+        messages: list[ChatMessage] = [{"role": "system", "content": prompt}]
+        for example in persona.examples:
+            messages.append({"role": "user", "content": example.user})
+            messages.append({"role": "assistant", "content": example.assistant})
+        return messages
 
     def _prefix_key(self, persona: Persona) -> str:
         return prefix_key(persona, self.persona_messages(persona))

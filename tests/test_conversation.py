@@ -213,7 +213,10 @@ async def test_the_next_turn_is_read_ahead_after_a_switch_that_keeps_history(tmp
     await until(lambda: NEXT_TURN_KEY in llm.prefixes)
     ahead = llm.prefixes[NEXT_TURN_KEY]
     await ask(app, "What is my name?")
-    assert llm.prompts[-1][: len(ahead)] == ahead and len(ahead) == 3  # Nora, question, answer
+    nora = app.conversation.persona_messages(app.personas.get("medication_nurse"))
+    assert llm.prompts[-1][: len(ahead)] == ahead
+    assert ahead == [*nora, {"role": "user", "content": "My name is Anna."},
+                     {"role": "assistant", "content": "Noted."}]
     await app.aclose()
 
 
@@ -227,7 +230,8 @@ async def test_prompt_is_persona_summary_and_recent_turns_within_budget(tmp_path
     for i in range(12):
         await ask(app, f"question number {i} about things")  # 5 words
     prompt = llm.prompts[-1]
-    history = prompt[1:-1]
+    persona_part = len(app.conversation.persona_messages(app.conversation.active_persona))
+    history = prompt[persona_part:-1]
     used = sum(len(m["content"].split()) + 4 for m in history)
     assert used <= 100 and history[0]["role"] == "user"
     assert history[-1]["content"] == "short answer here"
@@ -256,7 +260,9 @@ async def test_older_turns_are_folded_into_a_summary_in_the_background(tmp_path:
     ahead = llm.prefixes[NEXT_TURN_KEY]  # evaluated right after the summary
     await ask(app, "what did we talk about")
     prompt = llm.prompts[-1]
-    assert prompt[1] == {"role": "system", "content": "Earlier in this conversation: short answer here"}
+    persona_part = len(app.conversation.persona_messages(app.conversation.active_persona))
+    assert prompt[persona_part] == {"role": "system",
+                                    "content": "Earlier in this conversation: short answer here"}
     assert prompt[: len(ahead)] == ahead
     # the summary is folded on: the second summary call is given the first one
     for i in range(12):

@@ -109,7 +109,9 @@ async def test_the_persona_prefix_is_restored_not_re_read(tmp_path: Path, real_l
                 app.personas.get(persona_id)))
             assert reply.stats.cached_prompt_tokens >= len(prefix), persona_id
             assert reply.stats.prompt_tokens - reply.stats.cached_prompt_tokens < 20
-        # the restored state answers exactly as a cold evaluation of the whole prompt does
+        # the restored state answers as a cold evaluation of the whole prompt does (greedy; a
+        # question with one right answer, since llama.cpp's float sums differ by batch split)
+        await app.conversation.switch_persona("companion", preserve_context=False)
         question = "What is the capital of France?"
         cached = await app.conversation.reply_text(question, temperature=0.0, new_session=True)
         assert cached.stats.cached_prompt_tokens > 0
@@ -126,7 +128,7 @@ async def test_the_persona_prefix_is_restored_not_re_read(tmp_path: Path, real_l
 
 
 async def test_summary_written_by_the_real_model(tmp_path: Path, real_llm, real_tts) -> None:
-    app, _ = await _app(tmp_path, real_llm, real_tts, llm={"history_token_budget": 120})
+    app, _ = await _app(tmp_path, real_llm, real_tts, llm={"history_token_budget": 64})
     llm = app.llm
     async with asyncio.timeout(120):
         for text in ("My name is Anna.", "I take a blue pill at eight every morning.",
@@ -139,7 +141,9 @@ async def test_summary_written_by_the_real_model(tmp_path: Path, real_llm, real_
         left = app.store.messages(sid, after_id=session.summarized_upto)
         assert len(left) < len(app.store.messages(sid))
         await app.conversation.reply_text("What do you know about me?")
-        assert llm.prompts[-1][1]["content"] == f"Earlier in this conversation: {session.summary}"
+        persona_part = len(app.conversation.persona_messages(app.conversation.active_persona))
+        assert llm.prompts[-1][persona_part]["content"] == (
+            f"Earlier in this conversation: {session.summary}")
     app.store.close()
 
 

@@ -199,3 +199,21 @@ async def test_sighup_reloads_personas(tmp_path: Path) -> None:
         idle.cancel()
         await asyncio.wait([idle])
         app.store.close()
+
+
+def test_examples_are_part_of_the_cached_persona_prompt(tmp_path):
+    from companion.conversation import ConversationManager
+    from companion.events import EventBus
+    from companion.personas import PersonaLibrary
+    from companion.settings import PROJECT_ROOT, LlmSettings
+    from companion.store import Store
+    from tests.fakes import FakeChatModel
+
+    library = PersonaLibrary(PROJECT_ROOT / "personas")
+    library.load()
+    manager = ConversationManager(llm=FakeChatModel(), store=Store(tmp_path / "s.db"),
+                                  personas=library, settings=LlmSettings(), bus=EventBus(),
+                                  default_persona="companion")
+    messages = manager.persona_messages(library.get("companion"))
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    assert messages[2]["content"] == "The capital of Italy is Rome."
