@@ -346,6 +346,9 @@ class ConversationManager:
                 session_id, turn_id, text, reply.text, persona_id=persona.id, source=source,
                 user_tokens=user_tokens, reply_tokens=reply_tokens, latency=timings))
         reply.completed = True
+        self.bus.emit(EventType.EXCHANGE_RECORDED, turn_id, session_id=session_id,
+                      persona_id=persona.id, source=source, user_text=text, reply=reply.text,
+                      tokens=reply.stats.total_tokens)
         if overflow and self.settings.summary_enabled:
             self._schedule_summary(session_id)
 

@@ -38,6 +38,7 @@ class EventType(StrEnum):
     TURN_END = "turn-end"
     TURN_ERROR = "turn-error"
     TURN_CANCELLED = "turn-cancelled"
+    EXCHANGE_RECORDED = "exchange-recorded"  # a user's words and the reply, stored (any source)
     # device-wide
     STATE_CHANGED = "state-changed"
     BUTTON = "button"

@@ -409,3 +409,17 @@ async def test_turn_transcripts_replies_buttons_and_errors_go_up(tmp_path):
         assert press["payload"] == {"button": "talk", "kind": "double"}
         error = (await plane.wait_for(lambda: plane.messages("dev-a", "error")))[0]
         assert error["payload"]["code"] == "stt-failed" and error["payload"]["turn_id"] == "turn_x"
+
+
+async def test_typed_turns_go_up_as_text_input_and_reply(tmp_path):
+    """A chat over HTTP (or the CLI) is reported like a voice turn, once, not twice."""
+    async with control_plane() as plane, linked_device(tmp_path, url(plane)) as (app, _):
+        await plane.wait_connected("dev-a")
+        reply = await app.conversation.reply_text("Hello there", source="http")
+        await plane.wait_for(lambda: plane.messages("dev-a", "reply"), within_s=5)
+        said = plane.messages("dev-a", "text_input")[0]["payload"]
+        answered = plane.messages("dev-a", "reply")[0]["payload"]
+        assert said["text"] == "Hello there" and said["source"] == "http"
+        assert answered["text"] == reply.text and answered["turn_id"] == said["turn_id"]
+        assert answered["session_id"] == reply.session_id
+        assert len(plane.messages("dev-a", "reply")) == 1

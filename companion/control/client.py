@@ -42,6 +42,7 @@ from companion.control.protocol import (
     RECEIPTS_HEADER,
     RECEIVED,
     REPLY,
+    TEXT_INPUT,
     TRANSCRIPT,
     Command,
     ProtocolError,
@@ -443,6 +444,14 @@ class ControlLink:
         elif event.type is EventType.LLM_END:
             frame = device_frame(REPLY, {"text": data.get("text", ""),
                                          "tokens": data.get("tokens"), **common})
+        elif event.type is EventType.EXCHANGE_RECORDED and data.get("source") != "voice":
+            # typed turns (HTTP, CLI, control): voice turns were sent from STT_END and LLM_END
+            common = {**common, "session_id": data.get("session_id"),
+                      "persona_id": data.get("persona_id"), "source": data.get("source")}
+            self._event_frames.put_nowait(device_frame(TEXT_INPUT, {"text": data.get("user_text", ""),
+                                                                    **common}))
+            frame = device_frame(REPLY, {"text": data.get("reply", ""), "tokens": data.get("tokens"),
+                                         **common})
         elif event.type is EventType.BUTTON:
             frame = device_frame(BUTTON_PRESS, {"button": data.get("button"),
                                                 "kind": data.get("kind")})
