@@ -20,7 +20,7 @@ import structlog
 
 from companion import check as check_mod
 from companion.app import VERSION, Features, build_app, install_signal_handlers
-from companion.devices.audio import AudioFileError, WavFileSink, WavFileSource
+from companion.devices.audio import AudioFileError, AudioUnavailableError, WavFileSink, WavFileSource
 from companion.log import configure_logging
 from companion.models import ModelMissingError
 from companion.settings import CompanionSettings, describe_validation_error, load_settings
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(commands[args.command](settings, args))
     except KeyboardInterrupt:
         return EXIT_OK
-    except (ModelMissingError, AudioFileError) as exc:
+    except (ModelMissingError, AudioFileError, AudioUnavailableError) as exc:
         print(f"companion: {exc}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -126,11 +126,12 @@ async def cmd_chat(settings: CompanionSettings, args: argparse.Namespace) -> int
 
 async def cmd_say(settings: CompanionSettings, args: argparse.Namespace) -> int:
     sink = WavFileSink(args.out) if args.out else None
-    app = build_app(settings, sink=sink, llm=_NoLlm(), features=Features(
-        voice_loop=False, http=False, control=False, gpio=False, audio_devices=sink is None))
+    app = build_app(settings, sink=sink, features=Features(
+        voice_loop=False, http=False, control=False, gpio=False, audio_devices=sink is None,
+        llm=False))
     try:
         await app.start()
-        persona = app.personas.get(args.persona) if args.persona else app.conversation.active_persona
+        persona = app.personas.get(args.persona or settings.personas.default)
         if persona is None:
             print(f"companion: unknown persona {args.persona!r}", file=sys.stderr)
             return EXIT_FAILED
@@ -177,29 +178,6 @@ async def cmd_simulate(settings: CompanionSettings, args: argparse.Namespace) ->
     print(json.dumps({"turns": [t.as_dict() for t in turns], "output": str(args.output),
                       "output_audio_s": round(sink.played_s, 3)}, indent=2))
     return EXIT_OK
-
-
-class _NoLlm:
-    """`companion say` needs no language model; this stands in its place so none is loaded."""
-
-    model_name = "(not loaded)"
-    context_length = 0
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-    async def stream(self, messages, params, stats=None):
-        raise RuntimeError("companion say does not load the language model")
-        yield ""  # pragma: no cover
-
-    def has_prefix(self, key: str) -> bool:
-        return False
-
-    async def warm_prefix(self, key, messages) -> None:
-        return None
-
-    def load_prefix(self, key: str) -> bool:
-        return False
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class Features:
     control: bool = True
     gpio: bool = True
     warm_personas: bool = True
+    llm: bool = True  # `companion say` needs only TTS: no language model, no conversation
 
 
 class App:
@@ -100,11 +101,13 @@ class App:
         errors = self.personas.load()
         for error in errors:
             log.warning("persona file rejected", error=str(error))
-        await self._load("llm", lambda: p.llm or _real_llm(s, self.registry, self.compute_gate), attr="llm")
-        self.conversation = ConversationManager(
-            llm=self.llm, store=self.store, personas=self.personas, settings=s.llm, bus=self.bus,
-            default_persona=s.personas.default,
-        )
+        if self.features.llm:
+            await self._load("llm", lambda: p.llm or _real_llm(s, self.registry, self.compute_gate),
+                             attr="llm")
+            self.conversation = ConversationManager(
+                llm=self.llm, store=self.store, personas=self.personas, settings=s.llm,
+                bus=self.bus, default_persona=s.personas.default,
+            )
         sink = p.sink
         if sink is None and self.features.audio_devices:
             sink = self._open_audio("audio_out", lambda: _real_sink(s))
@@ -113,7 +116,7 @@ class App:
         self.sink = sink
         self.speech = SpeechOutput(self.tts, sink, self.bus,
                                    sentence_silence_s=s.tts.sentence_silence_s)
-        if self.features.voice_loop:
+        if self.features.voice_loop and self.features.llm:
             await self._start_voice(p, s)
         self.status.set_component("storage", True, str(self.store.path))
         self.ready.set()

@@ -163,3 +163,10 @@ def test_check_fails_and_says_why_without_a_sound_card(tmp_path):
         "COMPANION_DATA_DIR": str(tmp_path), "COMPANION_AUDIO__INPUT_DEVICE": "no-such-mic"})
     assert result.returncode == 1
     assert "FAIL" in result.stdout and "audio input" in result.stdout
+
+
+def test_say_without_a_speaker_says_so(tmp_path):
+    result = companion("say", "Hello.", env={"COMPANION_DATA_DIR": str(tmp_path),
+                                             "COMPANION_AUDIO__OUTPUT_DEVICE": "no-such-speaker"})
+    assert result.returncode == 1
+    assert "cannot speak" in result.stderr and "Traceback" not in result.stderr
