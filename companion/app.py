@@ -258,6 +258,9 @@ class App:
         return [str(e) for e in errors]
 
     async def aclose(self) -> None:
+        if self.voice is not None:  # turns live outside the TaskGroup: stop them first
+            self.voice.barge_in()
+            await self.voice.wait_idle()
         commands = self.extensions.get("commands")  # timers and background speech
         if commands is not None:
             await commands.aclose()
@@ -271,6 +274,10 @@ class App:
         close = getattr(self.sink, "close", None)
         if close is not None:
             close()
+        for model in (getattr(self, "llm", None), getattr(self, "stt", None)):
+            shutdown = getattr(model, "close", None)
+            if shutdown is not None:
+                await asyncio.to_thread(shutdown)
         self.store.close()
 
 

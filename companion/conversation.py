@@ -9,6 +9,7 @@ turns under a lock, so a turn never sees half a switch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -328,10 +329,12 @@ class ConversationManager:
         )
         started = time.perf_counter()
         parts: list[str] = []
-        async for delta in self.llm.stream(messages, params, reply.stats):
-            parts.append(delta)
-            reply.text = "".join(parts)
-            yield delta
+        stream = self.llm.stream(messages, params, reply.stats)
+        async with contextlib.aclosing(stream):  # closing us stops the LLM at its next token
+            async for delta in stream:
+                parts.append(delta)
+                reply.text = "".join(parts)
+                yield delta
         reply.text = "".join(parts).strip()
         reply.latency_ms = (time.perf_counter() - started) * 1000
         timings = {"llm_ms": round(reply.latency_ms, 1),

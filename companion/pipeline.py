@@ -13,6 +13,7 @@ transcript is (nearly) ready and the LLM starts at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -120,15 +121,21 @@ class VoiceLoop:
         return self.turn is not None and not self.turn.done()
 
     def start_turn(self, *, trigger: str, turn_id: str | None = None, wake_word: str | None = None,
-                   wake_compute_s: float | None = None, follow_up: bool = False) -> str:
-        """Start listening for an utterance (wake word, button, API). A turn already running is
-        cancelled first: pressing the button while the device speaks is barge-in."""
+                   wake_compute_s: float | None = None) -> str | None:
+        """Start listening for an utterance (wake word, button, API). What the device is doing
+        is stopped first: pressing the button while the device speaks is barge-in. None while
+        muted: the microphone is off, so there is nothing to listen to."""
+        if self.status.muted:
+            log.info("turn not started: muted", trigger=trigger)
+            return None
         self.barge_in()
+        return self._spawn_turn(trigger=trigger, turn_id=turn_id, wake_word=wake_word,
+                                wake_compute_s=wake_compute_s, follow_up=False)
+
+    def _spawn_turn(self, *, trigger: str, turn_id: str | None = None, wake_word: str | None = None,
+                    wake_compute_s: float | None = None, follow_up: bool) -> str:
         turn_id = turn_id or new_id("turn")
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=2000)
-        if self.source_ended.is_set():
-            queue.put_nowait(None)
-        self._turn_audio = queue
+        queue = self._take_microphone()
         task = asyncio.create_task(
             self._run_turn(turn_id, queue, trigger=trigger, wake_word=wake_word,
                            wake_compute_s=wake_compute_s, follow_up=follow_up),
@@ -139,24 +146,41 @@ class VoiceLoop:
         task.add_done_callback(self._turns.discard)
         return turn_id
 
+    def _take_microphone(self) -> asyncio.Queue[bytes | None]:
+        """Route microphone audio to a new listener (a turn or listen_once) instead of the wake
+        word detector."""
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=2000)
+        if self.source_ended.is_set():
+            queue.put_nowait(None)
+        self._turn_audio = queue
+        self._listening = True  # from now: `--fast` must not hold the microphone back
+        return queue
+
+    def _release_microphone(self) -> None:
+        """Give the audio back to the wake word detector; a listener still waiting on the old
+        queue gets the end-of-audio marker, so it never waits for audio that will not come."""
+        if self._turn_audio is not None:
+            _offer(self._turn_audio, None)
+        self._turn_audio = None
+        self._listening = False
+
     def barge_in(self) -> bool:
         """Stop whatever the device is doing for the user now (speech and the turn behind it)."""
         stopped = self.speech.stop()
         if self.turn is not None and not self.turn.done():
             self.turn.cancel()
             stopped = True
-        self._turn_audio = None
+        self._release_microphone()
         return stopped
 
     async def listen_once(self, *, no_speech_timeout_s: float | None = None) -> str | None:
         """Listen for one utterance and return its transcript without answering it (a trivia
         answer, a yes/no). Stops whatever the device was doing first; None when nobody spoke."""
+        if self.status.muted:
+            return None
         self.barge_in()
         turn_id = new_id("listen")
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=2000)
-        if self.source_ended.is_set():
-            queue.put_nowait(None)
-        self._turn_audio = queue
+        queue = self._take_microphone()
         vad = self.settings.vad
         if no_speech_timeout_s is not None:
             vad = vad.model_copy(update={"no_speech_timeout_s": no_speech_timeout_s})
@@ -165,8 +189,9 @@ class VoiceLoop:
             transcript = await self._listen_and_transcribe(turn_id, queue, vad, TurnTimings(turn_id))
         finally:
             if self._turn_audio is queue:
-                self._turn_audio = None
-            self.status.set_state(PipelineState.IDLE, turn_id)
+                self._release_microphone()
+            if self._turn_audio is None and not self.busy:  # nobody else took over
+                self.status.set_state(PipelineState.IDLE, turn_id)
         return transcript.text if transcript is not None else None
 
     async def wait_idle(self) -> None:
@@ -184,7 +209,10 @@ class VoiceLoop:
                       follow_up=follow_up)
         follow_up_next = False
         try:
-            async with asyncio.timeout(self.settings.pipeline.turn_timeout_s):
+            # the timeout bounds listening and thinking; it stops at the first audio, so a long
+            # reply (or one waiting behind an announcement) is never cut off
+            async with asyncio.timeout(self.settings.pipeline.turn_timeout_s) as deadline:
+                timings._deadline = deadline
                 if wake_word and not follow_up:
                     await self._persona_for_wake_word(wake_word)
                 follow_up_next = await self._turn_body(turn_id, audio, timings, follow_up)
@@ -198,6 +226,8 @@ class VoiceLoop:
             self.bus.emit(EventType.TURN_ERROR, turn_id, code="turn-timeout",
                           message=f"turn took longer than {self.settings.pipeline.turn_timeout_s}s")
             log.warning("turn timed out")
+            self.status.set_state(PipelineState.ERROR, turn_id)
+            await self._apologise(turn_id)
         except Exception as exc:
             self.bus.emit(EventType.TURN_ERROR, turn_id, code=type(exc).__name__,
                           message=str(exc))
@@ -206,12 +236,14 @@ class VoiceLoop:
             await self._apologise(turn_id)
         finally:
             if self._turn_audio is audio:
-                self._turn_audio = None
-            if self.turn is asyncio.current_task():
+                self._release_microphone()
+            if self.turn is asyncio.current_task() and self._turn_audio is None:
                 self.status.set_state(PipelineState.IDLE, turn_id)
             structlog.contextvars.unbind_contextvars("turn_id")
-        if follow_up_next and not self.source_ended.is_set() and not self.status.muted:
-            self.start_turn(trigger="follow-up", follow_up=True)
+        # a follow-up window opens only if nothing else has taken over meanwhile (no barge-in)
+        if (follow_up_next and self.turn is asyncio.current_task() and self._turn_audio is None
+                and not self.source_ended.is_set() and not self.status.muted):
+            self._spawn_turn(trigger="follow-up", follow_up=True)
 
     async def _turn_body(self, turn_id: str, audio: asyncio.Queue[bytes | None],
                          timings: TurnTimings, follow_up: bool) -> bool:
@@ -225,7 +257,8 @@ class VoiceLoop:
         transcript = await self._listen_and_transcribe(turn_id, audio, vad_settings, timings)
         if transcript is None:
             return False
-        self._turn_audio = None  # the wake detector hears again (barge-in)
+        if self._turn_audio is audio:
+            self._release_microphone()  # the wake detector hears again (barge-in)
         text = self._without_wake_phrase(transcript.text)
         if not text:  # only the wake word (said again in a follow-up window): listen anew
             self.bus.emit(EventType.NO_SPEECH, turn_id, reason="wake word only")
@@ -281,9 +314,10 @@ class VoiceLoop:
                 if (self.settings.pipeline.speculative_stt and state is SegmentState.SPEECH
                         and seg.silence_s >= SPECULATIVE_STT_AFTER_S):
                     pause_began = round(seg.audio_s - seg.silence_s, 3)
-                    if speculative is None or speculative[0] != pause_began:
-                        if speculative is not None:
-                            speculative[1].cancel()
+                    # one speculative run at a time: a cancelled one keeps whisper's thread busy
+                    # until it finishes, and the real transcription would queue behind it
+                    if speculative is None or (speculative[0] != pause_began
+                                               and speculative[1].done()):
                         pcm = endpointer.result().audio
                         speculative = (pause_began, asyncio.create_task(self.stt.transcribe(pcm)))
             decided_at = time.perf_counter()
@@ -301,12 +335,11 @@ class VoiceLoop:
             timings._decided_at = decided_at
             timings._silence_window_s = vad_settings.silence_end_s
             final_pause = round((result.speech_end_s or -1.0), 3)
-            if speculative is not None and speculative[0] == final_pause and not speculative[1].cancelled():
+            if (speculative is not None and speculative[0] == final_pause
+                    and not speculative[1].cancelled()):
                 transcript = await speculative[1]
                 reused = True
             else:
-                if speculative is not None:
-                    speculative[1].cancel()
                 transcript = await self.stt.transcribe(result.audio)
                 reused = False
             speculative = None
@@ -321,8 +354,10 @@ class VoiceLoop:
             return transcript
         finally:
             self._listening = False
-            if speculative is not None:
+            if speculative is not None and not speculative[1].done():
                 speculative[1].cancel()
+            elif speculative is not None and not speculative[1].cancelled():
+                speculative[1].exception()  # retrieved: a failed speculation is not an error
 
     async def _answer(self, turn_id: str, text: str, timings: TurnTimings) -> None:
         persona = self.conversation.active_persona
@@ -333,16 +368,17 @@ class VoiceLoop:
         async def sentences() -> AsyncIterator[str]:
             splitter = SentenceSplitter()
             first_token = True
-            async for delta in self.conversation.respond(text, reply=reply, turn_id=turn_id,
-                                                        source="voice"):
-                if first_token:
-                    first_token = False
-                    timings.llm_first_token_s = time.perf_counter() - llm_started
-                    self.bus.emit(EventType.LLM_FIRST_TOKEN, turn_id,
-                                  took_s=round(timings.llm_first_token_s, 4))
-                for sentence in splitter.feed(delta):
-                    self._on_sentence(turn_id, sentence, llm_started, timings)
-                    yield sentence
+            deltas = self.conversation.respond(text, reply=reply, turn_id=turn_id, source="voice")
+            async with contextlib.aclosing(deltas):  # barge-in stops the LLM at once
+                async for delta in deltas:
+                    if first_token:
+                        first_token = False
+                        timings.llm_first_token_s = time.perf_counter() - llm_started
+                        self.bus.emit(EventType.LLM_FIRST_TOKEN, turn_id,
+                                      took_s=round(timings.llm_first_token_s, 4))
+                    for sentence in splitter.feed(delta):
+                        self._on_sentence(turn_id, sentence, llm_started, timings)
+                        yield sentence
             for sentence in splitter.flush():
                 self._on_sentence(turn_id, sentence, llm_started, timings)
                 yield sentence
@@ -362,6 +398,8 @@ class VoiceLoop:
                      voice) -> None:
         def first_audio() -> None:
             self.status.set_state(PipelineState.SPEAKING, turn_id)
+            if timings._deadline is not None:
+                timings._deadline.reschedule(None)
             if timings._decided_at is not None:
                 timings.end_of_speech_to_first_audio_s = time.perf_counter() - timings._decided_at
                 timings.speech_end_to_first_audio_s = (
@@ -403,10 +441,14 @@ class VoiceLoop:
         if muted == self.status.muted:
             return
         self.status.muted = muted
-        if muted and self._turn_audio is not None and self.turn is not None:
-            self.turn.cancel()
-            self._turn_audio = None
-        self.status.set_state(PipelineState.MUTED if muted else PipelineState.IDLE)
+        if muted and self._turn_audio is not None:
+            if self.turn is not None and not self.turn.done():
+                self.turn.cancel()
+            self._release_microphone()
+        if muted:
+            self.status.set_state(PipelineState.MUTED)
+        elif not self.busy:
+            self.status.set_state(PipelineState.IDLE)
         self.bus.emit(EventType.MUTE_CHANGED, muted=muted)
 
 

@@ -126,6 +126,9 @@ class SpeechOutput:
                     clips.put_nowait((sentence, clip))
             finally:
                 clips.put_nowait(None)
+                close = getattr(sentences, "aclose", None)
+                if close is not None:  # barge-in: the LLM behind the sentences stops now
+                    await close()
 
         producer = asyncio.create_task(synthesize_all(), name="tts-producer")
         try:

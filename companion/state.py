@@ -31,6 +31,7 @@ class TurnTimings:
     # bookkeeping while the turn runs, not reported
     _decided_at: float | None = None  # perf_counter when the endpoint decided speech ended
     _silence_window_s: float = 0.0
+    _deadline: Any = None  # the turn's asyncio.Timeout, stopped at the first audio
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}

@@ -286,3 +286,98 @@ async def test_only_the_wake_phrase_means_listen_again(tmp_path):
     no_speech = [e for e in events if e.type is EventType.NO_SPEECH]
     assert no_speech[0].data["reason"] == "wake word only"
     await app.aclose()
+
+
+# --- regressions found in review ---------------------------------------------------------------
+
+
+async def test_barge_in_releases_a_listen_once_instead_of_leaving_it_waiting(tmp_path):
+    settings = make_settings(tmp_path, vad={"no_speech_timeout_s": 60})
+    app = fake_app(settings, source=FakeMic([BLOCK] * 10_000, delay_s=0.01))
+    await app.start()
+    pump = asyncio.create_task(app.voice.run())
+    listener = asyncio.create_task(app.voice.listen_once())
+    await asyncio.sleep(0.1)
+    app.voice.barge_in()  # e.g. the stop command during a trivia answer
+    async with asyncio.timeout(1):
+        assert await listener is None
+    assert app.status.pipeline_state is PipelineState.IDLE
+    pump.cancel()
+    await asyncio.gather(pump, return_exceptions=True)
+    await app.aclose()
+
+
+async def test_a_follow_up_window_does_not_cancel_speech_queued_behind_the_reply(tmp_path):
+    settings = make_settings(tmp_path)
+    sink = FakeSpeaker(realtime=True, speed=4)
+    mic = FakeMic(UTTERANCE + [BLOCK] * 400, delay_s=0.005)
+    app = fake_app(settings, source=mic, sink=sink)
+    events = collect(app)
+    await app.start()
+    pump = asyncio.create_task(app.voice.run())
+    async with asyncio.timeout(5):
+        while not any(e.type is EventType.PLAYBACK_START for e in events):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    voice = app.conversation.active_persona.voice_config.params()
+    alarm = asyncio.create_task(app.speech.say("Your timer is done.", voice))  # waits its turn
+    async with asyncio.timeout(10):
+        await alarm
+    assert "Your timer is done." in [text for text, _ in app.tts.spoken]
+    pump.cancel()
+    await asyncio.gather(pump, return_exceptions=True)
+    await app.aclose()
+
+
+async def test_barge_in_stops_the_llm_not_just_the_speaker(tmp_path):
+    settings = make_settings(tmp_path, pipeline={"follow_up_window_s": 0})
+    llm = FakeChatModel("One sentence here. " * 200, delay_s=0.01)
+    app = fake_app(settings, source=FakeMic(UTTERANCE + [BLOCK] * 200, delay_s=0.005), llm=llm,
+                   sink=FakeSpeaker(realtime=True))
+    events = collect(app)
+    await app.start()
+    pump = asyncio.create_task(app.voice.run())
+    async with asyncio.timeout(5):
+        while not any(e.type is EventType.PLAYBACK_START for e in events):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    app.on_talk_button("short")  # barge-in
+    async with asyncio.timeout(1):
+        while llm.cancelled == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    pump.cancel()
+    await asyncio.gather(pump, return_exceptions=True)
+    await app.aclose()
+
+
+async def test_the_talk_button_does_nothing_while_muted(tmp_path):
+    app = fake_app(make_settings(tmp_path), source=FakeMic([BLOCK] * 50, delay_s=0.005))
+    events = collect(app)
+    await app.start()
+    app.voice.set_muted(True)
+    app.on_talk_button("short")
+    await run_mic(app)
+    assert EventType.TURN_START not in types(events)
+    assert app.status.pipeline_state is PipelineState.MUTED
+    await app.aclose()
+
+
+async def test_the_turn_timeout_does_not_cut_a_long_reply(tmp_path):
+    settings = make_settings(tmp_path, pipeline={"turn_timeout_s": 1.5, "follow_up_window_s": 0})
+    long_reply = "This reply takes a good while to say out loud. " * 4  # ~4 s of audio
+    app = fake_app(settings, source=FakeMic(UTTERANCE), llm=FakeChatModel(long_reply),
+                   sink=FakeSpeaker(realtime=True))
+    events = collect(app)
+    await app.start()
+    await run_mic(app, limit_s=10)
+    assert EventType.TURN_END in types(events) and EventType.TURN_ERROR not in types(events)
+    await app.aclose()
+
+
+async def test_closing_the_app_stops_a_running_turn(tmp_path):
+    settings = make_settings(tmp_path, pipeline={"follow_up_window_s": 0})
+    app = fake_app(settings, source=FakeMic(UTTERANCE), llm=FakeChatModel(delay_s=10))
+    await app.start()
+    await app.voice.run()
+    assert app.voice.busy
+    async with asyncio.timeout(2):
+        await app.aclose()
+    assert not app.voice.busy

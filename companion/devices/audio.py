@@ -164,14 +164,16 @@ class SoundDeviceSink:
         self.name = str(info["name"])
         self.volume = volume
         self._stream = None
-        self._rate = 0
+        self._rate = 0  # the rate the stream runs at
+        self._requested_rate = 0  # the clip rate it was opened for (may differ: fallback)
 
     def _ensure_stream(self, rate: int):
         import sounddevice as sd
 
-        if self._stream is not None and self._rate == rate:
+        if self._stream is not None and self._requested_rate == rate:
             return self._stream
         self.close()
+        self._requested_rate = rate
         try:
             self._stream = sd.RawOutputStream(
                 samplerate=rate, device=self.device_index, channels=1, dtype="int16"
@@ -189,11 +191,18 @@ class SoundDeviceSink:
         stream = await asyncio.to_thread(self._ensure_stream, clip.sample_rate)
         pcm = resample(clip.pcm, clip.sample_rate, self._rate)
         block = 2 * int(self._rate * self.BLOCK_S)
+        loop = asyncio.get_running_loop()
+        write = None
         try:
             for start in range(0, len(pcm), block):
                 piece = apply_volume(pcm[start : start + block], self.volume)
-                await asyncio.to_thread(stream.write, piece)
+                write = loop.run_in_executor(None, stream.write, piece)
+                await write
         except asyncio.CancelledError:
+            if write is not None and not write.done():
+                # PortAudio cannot abort a stream while another thread writes to it: let the
+                # last block (50 ms) finish first
+                await asyncio.shield(write)
             await asyncio.to_thread(self._drop_buffered)
             raise
 

@@ -62,6 +62,13 @@ class ChatModel(Protocol):
     model_name: str
     context_length: int
 
+    def close(self) -> None:
+        """Stop the worker thread and free the model (App.aclose)."""
+        self._thread.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._prefix_states.clear()
+            self._llama.close()
+
     def count_tokens(self, text: str) -> int: ...
 
     def stream(

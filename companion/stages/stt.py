@@ -47,6 +47,10 @@ class FasterWhisperTranscriber:
         # one thread owns CTranslate2, so its OpenMP team is made once (see stages/llm.py)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisper")
 
+    def close(self) -> None:
+        """Stop the worker thread (App.aclose)."""
+        self._thread.shutdown(wait=True, cancel_futures=True)
+
     async def transcribe(self, pcm: bytes, *, language: str | None = None) -> Transcript:
         audio = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
         loop = asyncio.get_running_loop()

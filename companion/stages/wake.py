@@ -42,6 +42,9 @@ class WakeScorer:
         self.settings = settings
         self._last_fired: dict[str, float] = {}
 
+    def forget(self) -> None:
+        self._last_fired.clear()
+
     def decide(self, scores: dict[str, float], audio_time_s: float) -> Detection | None:
         best: Detection | None = None
         for word, score in scores.items():
@@ -100,6 +103,7 @@ class OpenWakeWordDetector:
         mel and embedding buffers still hold the word (measured: a second, spurious turn right
         after many turns), so they are put back to their state at start too."""
         self._model.reset()
+        self._scorer.forget()  # the buffers are clear: the refractory period has no more use
         features = self._model.preprocessor
         features.raw_data_buffer.clear()
         features.accumulated_samples = 0
