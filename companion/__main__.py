@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 
 from companion import check as check_mod
-from companion.app import VERSION, Features, build_app, install_signal_handlers
+from companion.app import VERSION, Features, build_app, install_signal_handlers, tune_process
 from companion.devices.audio import AudioFileError, AudioUnavailableError, WavFileSink, WavFileSource
 from companion.log import configure_logging
 from companion.models import ModelMissingError
@@ -151,6 +151,7 @@ async def cmd_check(settings: CompanionSettings, args: argparse.Namespace) -> in
 
 
 async def cmd_simulate(settings: CompanionSettings, args: argparse.Namespace) -> int:
+    tune_process()  # as the daemon runs
     source = WavFileSource(args.input, realtime=not args.fast, block_ms=settings.audio.block_ms)
     sink = WavFileSink(args.output, realtime=not args.fast)
     with tempfile.TemporaryDirectory(prefix="companion-sim-") as tmp:

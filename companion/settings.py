@@ -112,6 +112,10 @@ class LlmSettings(_Section):
     model: str = Field("smollm2-135m-instruct", description="Model name or a .gguf path.")
     context_length: int = Field(2048, ge=256, description="llama.cpp context window (tokens).")
     threads: int = Field(2, ge=1, description="CPU threads for llama.cpp.")
+    nice: int = Field(
+        5, ge=0, le=19, description="Scheduling priority of the LLM threads (higher = lower): "
+        "the event loop, microphone and HTTP API go first while the LLM writes."
+    )
     temperature: float = Field(0.2, ge=0.0, le=2.0, description="Default sampling temperature.")
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     repeat_penalty: float = Field(1.1, ge=1.0, le=2.0)

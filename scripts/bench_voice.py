@@ -28,7 +28,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from companion.app import Features, build_app
+from companion.app import Features, build_app, tune_process
 from companion.devices.audio import WavFileSink, WavFileSource
 from companion.log import configure_logging
 from companion.models import ModelRegistry
@@ -180,6 +180,7 @@ async def run_mode(settings: CompanionSettings, mic_wav: Path, workdir: Path, mo
 
 
 async def bench(runs: int, workdir: Path) -> dict:
+    tune_process()  # as the daemon runs
     wavs = [await asyncio.to_thread(make, workdir / f"q{i}.wav", wake="Hey Jarvis.", text=q)
             for i, q in enumerate(QUESTIONS)]
     mic = concatenate([wavs[i % len(wavs)] for i in range(runs)], workdir / "mic.wav", gap_s=9.0)

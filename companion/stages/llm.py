@@ -127,7 +127,11 @@ class LlamaCppChatModel:
         # thread, and a second team sometimes lands on the first one's core, where ggml's
         # spinning barriers make every token ~3x slower (measured: 245 ms vs 460 ms to the first
         # sentence, bimodal, only when a second executor thread made the call).
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        # It also runs at a lower priority (nice), inherited by the OpenMP workers it creates:
+        # the event loop (microphone pump, HTTP) gets a core at once while the LLM writes.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama",
+                                          initializer=_lower_thread_priority,
+                                          initargs=(settings.nice,))
         self._prefix_states: OrderedDict[str, Any] = OrderedDict()
         self._prefix_cache_size = settings.prefix_cache_size  # ~23 kB per prompt token (135M)
         self.last_prompt_eval_tokens = 0  # tokens llama.cpp had to evaluate for the last prompt
@@ -315,3 +319,15 @@ def _common_prefix(held: Any, tokens: list[int]) -> int:
         return 0
     diff = np.flatnonzero(np.asarray(held[:n]) != np.asarray(tokens[:n], dtype=np.intc))
     return int(diff[0]) if diff.size else n
+
+
+def _lower_thread_priority(nice: int) -> None:
+    """Raise this thread's nice value (Linux: per thread, inherited by threads it creates)."""
+    import os
+
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError:
+        log.warning("could not lower the LLM thread's priority", nice=nice)
