@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -70,6 +71,7 @@ class VoiceLoop:
         self._turns: set[asyncio.Task[None]] = set()
         self.source_ended = asyncio.Event()
         self._listening = False  # a turn is taking microphone audio right now
+        self._wake_backlog: deque[bytes] = deque(maxlen=100)  # ~3 s heard while thinking
 
     # --- the microphone pump --------------------------------------------------------------------
 
@@ -99,10 +101,24 @@ class VoiceLoop:
             return
         if self.wake is None or not self.settings.wake.enabled:
             return
+        if self.status.pipeline_state is PipelineState.THINKING:
+            # between end of speech and first audio every core goes to STT/LLM/TTS; the wake
+            # detector catches up on this audio as soon as the reply starts playing
+            self._wake_backlog.append(block)
+            return
+        while self._wake_backlog:
+            if await self._detect_wake(self._wake_backlog.popleft()):
+                self._wake_backlog.clear()
+                return
+        await self._detect_wake(block)
+
+    async def _detect_wake(self, block: bytes) -> bool:
+        assert self.wake is not None
         started = time.perf_counter()
         detection = await self.wake.process(block)
         if detection is not None:
             self._on_wake(detection, time.perf_counter() - started)
+        return detection is not None
 
     def _on_wake(self, detection: Detection, compute_s: float) -> None:
         turn_id = new_id("turn")

@@ -381,3 +381,19 @@ async def test_closing_the_app_stops_a_running_turn(tmp_path):
     async with asyncio.timeout(2):
         await app.aclose()
     assert not app.voice.busy
+
+
+async def test_a_wake_word_said_while_thinking_is_caught_when_the_reply_starts(tmp_path):
+    settings = make_settings(tmp_path, pipeline={"follow_up_window_s": 0})
+    llm = FakeChatModel("Paris is the capital. It is lovely.", delay_s=0.05)
+    blocks = UTTERANCE[:-40] + [BLOCK] * 25 + [wake_block()] + [BLOCK] * 200
+    app = fake_app(settings, source=FakeMic(blocks, delay_s=0.005), llm=llm,
+                   sink=FakeSpeaker(realtime=True))
+    events = collect(app)
+    await app.start()
+    await run_mic(app, limit_s=10)
+    wakes = [i for i, e in enumerate(events) if e.type is EventType.WAKE_DETECTED]
+    first_audio = next(i for i, e in enumerate(events) if e.type is EventType.PLAYBACK_START)
+    assert len(wakes) == 2 and wakes[1] > first_audio  # deferred, not lost
+    assert EventType.TURN_CANCELLED in types(events)  # and it barged in
+    await app.aclose()
