@@ -103,7 +103,7 @@ async def stream_once(session: aiohttp.ClientSession, base: str, *, max_tokens: 
     done: dict = {}
     async with session.post(f"{base}/v1/chat/stream",
                             json={"message": PROMPT, "max_tokens": max_tokens,
-                                  "temperature": 0.7}) as r:
+                                  "temperature": 0.7, "new_conversation": True}) as r:
         event = None
         async for raw in r.content:
             line = raw.decode().strip()
@@ -121,7 +121,7 @@ async def stream_once(session: aiohttp.ClientSession, base: str, *, max_tokens: 
             "deltas": deltas, "completion_tokens": done.get("tokens", {}).get("completion")}
 
 
-async def bench(base: str, seconds: float, runs: int) -> dict:
+async def bench(base: str, seconds: float, runs: int, rounds: int) -> dict:
     health = f"{base}/health"
     async with aiohttp.ClientSession() as session:
         async with asyncio.timeout(120):
@@ -136,13 +136,19 @@ async def bench(base: str, seconds: float, runs: int) -> dict:
         await stream_once(session, base, max_tokens=8)  # warm the LLM
         await sequential_health(session, health, 50)
         rps = await health_rps(session, health, seconds)
-        idle = await sequential_health(session, health, 1000)
-
-        first = asyncio.Event()
-        gen = asyncio.create_task(stream_once(session, base, max_tokens=400, first=first))
-        await first.wait()
-        during = await sequential_health(session, health, 1000, until=gen)
-        generation = await gen
+        # p99 of sub-millisecond latencies moves with one scheduler hiccup: alternate idle and
+        # streaming rounds and report the median ratio over the rounds
+        rounds_idle, rounds_during, ratios = [], [], []
+        for _ in range(rounds):
+            idle = await sequential_health(session, health, 1000)
+            first = asyncio.Event()
+            gen = asyncio.create_task(stream_once(session, base, max_tokens=400, first=first))
+            await first.wait()
+            during = await sequential_health(session, health, 1000, until=gen)
+            generation = await gen
+            rounds_idle.append(pct(idle, 0.99))
+            rounds_during.append(pct(during, 0.99))
+            ratios.append(pct(during, 0.99) / pct(idle, 0.99))
 
         streams = [await stream_once(session, base, max_tokens=120) for _ in range(runs)]
     firsts = [s["first_delta_s"] for s in streams if s["first_delta_s"] is not None]
@@ -154,6 +160,11 @@ async def bench(base: str, seconds: float, runs: int) -> dict:
             "p50_ms": ms(pct(during, 0.5)), "p99_ms": ms(pct(during, 0.99)),
             "samples": len(during), "stream_tokens": generation["completion_tokens"],
             "p99_ratio_to_idle": round(pct(during, 0.99) / pct(idle, 0.99), 2),
+            "rounds": rounds,
+            "p99_ms_each_round": {"idle": [ms(v) for v in rounds_idle],
+                                  "streaming": [ms(v) for v in rounds_during]},
+            "p99_ratio_each_round": [round(r, 2) for r in ratios],
+            "p99_ratio_median_of_rounds": round(statistics.median(ratios), 2),
             "p50_ratio_to_idle": round(pct(during, 0.5) / pct(idle, 0.5), 2),
             "target_p99_ratio": 3},
         "chat_stream": {
@@ -176,6 +187,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="length of the rps run")
     parser.add_argument("--runs", type=int, default=5, help="streams for first-delta timing")
+    parser.add_argument("--rounds", type=int, default=5, help="idle/streaming latency rounds")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -187,7 +199,8 @@ def main() -> None:
         child = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--data-dir",
                                   data_dir], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
-            result = asyncio.run(bench(f"http://127.0.0.1:{port}", args.seconds, args.runs))
+            result = asyncio.run(bench(f"http://127.0.0.1:{port}", args.seconds, args.runs,
+                                       args.rounds))
         finally:
             child.terminate()
             child.wait(timeout=15)

@@ -368,3 +368,25 @@ def test_store_of_a_fresh_manager_has_no_active_session(tmp_path: Path) -> None:
     store = Store(tmp_path / "x.db")
     assert store.get_value(ACTIVE_SESSION_KEY) is None
     store.close()
+
+
+async def test_turns_stay_in_the_prompt_until_their_summary_replaces_them(tmp_path: Path) -> None:
+    """Dropping turns as soon as they leave the budget would change the start of every prompt
+    (llama.cpp would re-read the history each turn); they stay until the summary is written."""
+    llm = FakeChatModel("short answer here")
+    settings = make_settings(tmp_path, llm={"history_token_budget": 100})
+    app = await started(settings, llm=llm)
+    app.conversation.settings = app.conversation.settings.model_copy(update={"summary_enabled": False})
+    for i in range(12):
+        await ask(app, f"question number {i} about things")
+    assert "question number 0 about things" not in _contents(llm.prompts[-1])  # no summary: budget
+    app.conversation.settings = app.conversation.settings.model_copy(update={"summary_enabled": True})
+    await app.conversation._pause_summary(app.conversation.active_session_id)
+    llm.reply = "short answer here"
+    before = len(llm.prompts)
+    await ask(app, "question number 12 about things")
+    turn_prompt = next(p for p in llm.prompts[before:] if not p[0]["content"].startswith("Summarize"))
+    assert "question number 11 about things" in _contents(turn_prompt)
+    used = sum(len(m["content"].split()) + 4 for m in turn_prompt[3:-1])
+    assert used > 100  # more than the budget: the overflow waits for its summary in the prompt
+    app.store.close()

@@ -580,3 +580,15 @@ async def test_serve_http_refuses_an_open_non_loopback_bind(tmp_path):
         async with asyncio.timeout(5):
             await serve_http(app)
     app.store.close()
+
+
+async def test_chat_can_start_a_new_conversation(tmp_path, aiohttp_client):
+    from tests.http_helpers import start_api
+
+    client, _app = await start_api(aiohttp_client, tmp_path)
+    first = await (await client.post("/v1/chat", json={"message": "hello"})).json()
+    fresh = await (await client.post("/v1/chat", json={"message": "hello",
+                                                        "new_conversation": True})).json()
+    again = await (await client.post("/v1/chat", json={"message": "hello"})).json()
+    assert fresh["conversation_id"] != first["conversation_id"]
+    assert again["conversation_id"] == first["conversation_id"]  # the active one goes on

@@ -510,6 +510,7 @@ async def _generate(request: web.Request, body: s.ChatRequest, reply: Reply,
         async with asyncio.timeout(app.settings.pipeline.turn_timeout_s):
             stream = app.conversation.respond(
                 body.message, reply=reply, session_id=body.conversation_id, source="http",
+                new_session=body.new_conversation and body.conversation_id is None,
                 system_prompt=body.system_prompt, temperature=body.temperature,
                 max_tokens=body.max_tokens)
             async with contextlib.aclosing(stream) as deltas:

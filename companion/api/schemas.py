@@ -91,6 +91,9 @@ class ChatRequest(_Request):
     conversation_id: str | None = Field(
         None, min_length=1, max_length=64,
         description="Continue this conversation (voice or HTTP); unset = the device's active one.")
+    new_conversation: bool = Field(
+        False, description="Start a new conversation (its id comes back as conversation_id) "
+        "instead of continuing the device's active one; ignored with conversation_id.")
     system_prompt: str | None = Field(None, min_length=1, max_length=8000,
                                       description="Replaces the persona's prompt for this turn.")
     model: str | None = Field(None, max_length=200,
