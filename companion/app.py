@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from companion.compute import ComputeGate
+from companion.compute import ComputeGate, release_free_memory
 from companion.conversation import ConversationManager
 from companion.devices.audio import AudioSink, AudioSource, AudioUnavailableError
 from companion.events import EventBus, EventType
@@ -121,6 +121,7 @@ class App:
         if self.features.voice_loop and self.features.llm:
             await self._start_voice(p, s)
         self.status.set_component("storage", True, str(self.store.path))
+        self.bus.add_callback(self._after_turn)
         self.ready.set()
         self.bus.emit(EventType.STATE_CHANGED, state=str(self.status.pipeline_state),
                       previous=str(self.status.pipeline_state))
@@ -207,6 +208,12 @@ class App:
                 group.create_task(run_control_link(self), name="control-link")
             group.create_task(systemd.supervise(self), name="systemd")
             group.create_task(self._housekeeping(), name="housekeeping")
+
+    def _after_turn(self, event) -> None:
+        if event.type in (EventType.TURN_END, EventType.TURN_ERROR, EventType.EXCHANGE_RECORDED):
+            task = asyncio.get_running_loop().run_in_executor(None, release_free_memory)
+            self._tasks.append(task)  # kept until done, so it is not garbage-collected early
+            task.add_done_callback(self._tasks.remove)
 
     def _start_gpio(self) -> None:
         from companion.devices.gpio import ButtonActions, Buttons, LedIndicator, make_gpio

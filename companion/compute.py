@@ -44,14 +44,31 @@ class ComputeGate:
 
 
 def quiet_onnx_session_options(threads: int):
-    """onnxruntime options for a model that shares the CPU: a fixed thread count and no
-    spinning thread pool (idle ORT threads otherwise spin after each run and take cores from
-    llama.cpp)."""
+    """onnxruntime options for a model that shares the CPU and the memory: a fixed thread
+    count, no spinning thread pool (idle ORT threads otherwise spin after each run and take
+    cores from llama.cpp), no memory arena."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # no arena: it keeps the peak of the longest input for good (measured with piper: +240 MB
+    # over five replies); freeing after each run costs little next to synthesis itself
+    options.enable_cpu_mem_arena = False
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by the models back to the system (glibc keeps it in per-thread arenas
+    otherwise; measured: 622-732 MB after each of five turns with this, 667-878 MB without).
+    A no-op where the C library has no malloc_trim."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
