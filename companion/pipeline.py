@@ -72,6 +72,8 @@ class VoiceLoop:
         self.source_ended = asyncio.Event()
         self._listening = False  # a turn is taking microphone audio right now
         self._wake_backlog: deque[bytes] = deque(maxlen=100)  # ~3 s heard while thinking
+        # called with (turn_id, 16 kHz PCM) for every utterance (the control link's audio_stream)
+        self.utterance_listeners: list[Callable[[str, bytes], None]] = []
 
     # --- the microphone pump --------------------------------------------------------------------
 
@@ -347,6 +349,8 @@ class VoiceLoop:
                           audio_time_s=round(result.speech_end_s or result.audio_s, 3),
                           speech_s=round(timings.endpoint_s, 3))
             self.status.set_state(PipelineState.THINKING, turn_id)
+            for listener in self.utterance_listeners:
+                listener(turn_id, result.audio)
             self.bus.emit(EventType.STT_START, turn_id, audio_s=round(len(result.audio) / 32000, 3))
             timings._decided_at = decided_at
             timings._silence_window_s = vad_settings.silence_end_s

@@ -403,6 +403,7 @@ async def test_turn_transcripts_replies_buttons_and_errors_go_up(tmp_path):
         assert transcript["text"] == "what is the capital of france"
         assert reply["text"] == "Paris is the capital. It is lovely."
         assert transcript["turn_id"] == reply["turn_id"] and reply["session_id"]
+        assert not plane.messages("dev-a", "audio_stream")  # only when send_audio is set
         app.bus.emit(EventType.BUTTON, button="talk", kind="double")
         app.bus.emit(EventType.TURN_ERROR, "turn_x", code="stt-failed", message="boom")
         press = (await plane.wait_for(lambda: plane.messages("dev-a", "button_press")))[0]
@@ -423,3 +424,22 @@ async def test_typed_turns_go_up_as_text_input_and_reply(tmp_path):
         assert answered["text"] == reply.text and answered["turn_id"] == said["turn_id"]
         assert answered["session_id"] == reply.session_id
         assert len(plane.messages("dev-a", "reply")) == 1
+
+
+async def test_utterances_go_up_as_audio_stream_when_configured(tmp_path):
+    import base64
+
+    mic = FakeMic([BLOCK] * 5 + [wake_block()] + [speech_block()] * 20 + [BLOCK] * 60,
+                  delay_s=0.002)
+    async with control_plane() as plane, linked_device(
+            tmp_path, url(plane), source=mic,
+            cp={"send_audio": True},
+            settings_extra={"pipeline": {"follow_up_window_s": 0}}) as (_app, _):
+        await plane.wait_connected("dev-a")
+        frames = await plane.wait_for(lambda: plane.messages("dev-a", "audio_stream"), within_s=5)
+        payload = frames[0]["payload"]
+        pcm = base64.b64decode(payload["audio_b64"])
+        assert payload["sample_rate"] == 16000 and payload["format"] == "pcm_s16le"
+        assert speech_block() * 20 in pcm
+        transcript = (await plane.wait_for(lambda: plane.messages("dev-a", "transcript")))[0]
+        assert transcript["payload"]["turn_id"] == payload["turn_id"]

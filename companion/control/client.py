@@ -16,6 +16,7 @@ reconnect. Seams for tests are keyword arguments whose defaults are the real thi
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import time
@@ -33,6 +34,7 @@ from companion.control.handlers import CONCURRENT_TYPES, CommandFailed, CommandH
 from companion.control.outbox import Outbox
 from companion.control.protocol import (
     ACK,
+    AUDIO_STREAM,
     BUTTON_PRESS,
     COMMAND_TYPES,
     ERROR,
@@ -166,6 +168,8 @@ class ControlLink:
         app.extensions["control_link"] = self
         # subscribe now: what happens before run() is scheduled is kept too
         self._unsubscribe = app.bus.add_callback(self._on_event)
+        if app.voice is not None:  # control_plane.send_audio: utterances go up as audio_stream
+            app.voice.utterance_listeners.append(self._on_utterance)
 
     @property
     def settings(self) -> ControlPlaneSettings:
@@ -185,6 +189,8 @@ class ControlLink:
                 group.create_task(self._connect_loop(), name="control-connect")
         finally:
             self._unsubscribe()
+            if self._on_utterance in getattr(self.app.voice, "utterance_listeners", []):
+                self.app.voice.utterance_listeners.remove(self._on_utterance)
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -433,6 +439,13 @@ class ControlLink:
         self.status.outbox_depth = self.outbox.depth
         self.status.outbox_dropped = self.outbox.dropped
         self._outbox_changed.set()
+
+    def _on_utterance(self, turn_id: str, pcm: bytes) -> None:
+        if not self.settings.send_audio:
+            return
+        self._event_frames.put_nowait(device_frame(AUDIO_STREAM, {
+            "turn_id": turn_id, "format": "pcm_s16le", "sample_rate": 16000, "channels": 1,
+            "audio_b64": base64.b64encode(pcm).decode("ascii")}))
 
     def _on_event(self, event: Event) -> None:
         """Turn bus events into frames (synchronously, in order; written by _event_writer)."""
