@@ -9,6 +9,7 @@ whose rate is not 16 kHz is resampled with soxr.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import wave
 from collections.abc import AsyncIterator
@@ -155,9 +156,9 @@ class SoundDeviceSource:
 
 
 class SoundDeviceSink:
-    """One output stream kept open (opening one per reply costs first-audio latency)."""
-
-    BLOCK_S = 0.05
+    """One output stream kept open (opening one per reply costs first-audio latency), fed by
+    PortAudio's callback from a buffer: stopping (barge-in) just empties the buffer, so no
+    thread is ever writing to a stream that is being aborted or closed."""
 
     def __init__(self, device: str | None, *, volume: float = 0.8) -> None:
         self.device_index, info = find_device(device, "output")
@@ -166,6 +167,22 @@ class SoundDeviceSink:
         self._stream = None
         self._rate = 0  # the rate the stream runs at
         self._requested_rate = 0  # the clip rate it was opened for (may differ: fallback)
+        self._lock = threading.Lock()
+        self._pending = bytearray()  # PCM waiting for the callback
+        self._drained: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _callback(self, outdata, frames, time_info, status) -> None:  # PortAudio's thread
+        wanted = len(outdata)
+        with self._lock:
+            chunk = bytes(self._pending[:wanted])
+            del self._pending[:wanted]
+            done = self._drained if not self._pending else None
+            if done is not None:
+                self._drained = None
+        outdata[:] = chunk + bytes(wanted - len(chunk))
+        if done is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(done.set)
 
     def _ensure_stream(self, rate: int):
         import sounddevice as sd
@@ -174,44 +191,47 @@ class SoundDeviceSink:
             return self._stream
         self.close()
         self._requested_rate = rate
-        try:
-            self._stream = sd.RawOutputStream(
-                samplerate=rate, device=self.device_index, channels=1, dtype="int16"
-            )
-        except sd.PortAudioError:
-            rate = int(sd.query_devices(self.device_index, "output")["default_samplerate"])
-            self._stream = sd.RawOutputStream(
-                samplerate=rate, device=self.device_index, channels=1, dtype="int16"
-            )
-        self._rate = rate
+        for candidate in (rate, None):
+            try:
+                if candidate is None:
+                    candidate = int(sd.query_devices(self.device_index, "output")["default_samplerate"])
+                self._stream = sd.RawOutputStream(
+                    samplerate=candidate, device=self.device_index, channels=1, dtype="int16",
+                    callback=self._callback, latency="low",
+                )
+                self._rate = candidate
+                break
+            except sd.PortAudioError as exc:
+                last = exc
+        else:
+            raise AudioUnavailableError(f"cannot open speaker {self.name!r}: {last}")
         self._stream.start()
         return self._stream
 
     async def play(self, clip: AudioClip) -> None:
-        stream = await asyncio.to_thread(self._ensure_stream, clip.sample_rate)
-        pcm = resample(clip.pcm, clip.sample_rate, self._rate)
-        block = 2 * int(self._rate * self.BLOCK_S)
-        loop = asyncio.get_running_loop()
-        write = None
+        await asyncio.to_thread(self._ensure_stream, clip.sample_rate)
+        pcm = apply_volume(resample(clip.pcm, clip.sample_rate, self._rate), self.volume)
+        if not pcm:
+            return
+        self._loop = asyncio.get_running_loop()
+        drained = asyncio.Event()
+        with self._lock:
+            self._pending.extend(pcm)
+            self._drained = drained
         try:
-            for start in range(0, len(pcm), block):
-                piece = apply_volume(pcm[start : start + block], self.volume)
-                write = loop.run_in_executor(None, stream.write, piece)
-                await write
+            await drained.wait()
         except asyncio.CancelledError:
-            if write is not None and not write.done():
-                # PortAudio cannot abort a stream while another thread writes to it: let the
-                # last block (50 ms) finish first
-                await asyncio.shield(write)
-            await asyncio.to_thread(self._drop_buffered)
+            self.stop()
             raise
 
-    def _drop_buffered(self) -> None:
-        if self._stream is not None:
-            self._stream.abort()
-            self._stream.start()
+    def stop(self) -> None:
+        """Silence at once: what has not been handed to the device yet is dropped."""
+        with self._lock:
+            self._pending.clear()
+            self._drained = None
 
     def close(self) -> None:
+        self.stop()
         if self._stream is not None:
             self._stream.close()
             self._stream = None
