@@ -81,7 +81,7 @@ async def test_double_and_long_presses_are_told_apart(gpio_app):
     app.bus.add_callback(lambda e: kinds.append(e.data["kind"]) if e.type is EventType.BUTTON else None)
     await app.start()
     app._start_gpio()
-    pin = app.extensions["buttons"]._buttons[0].pin
+    pin = app.extensions["buttons"]._buttons[1].pin  # mute: it tells double presses apart
     await press(pin)
     await asyncio.sleep(0.05)
     await press(pin)
@@ -110,4 +110,19 @@ async def test_no_gpio_chip_leaves_the_daemon_running(tmp_path):
     await app.start()
     app._start_gpio()
     assert app.status.components["gpio"]["healthy"] is False
+    await app.aclose()
+
+
+async def test_the_talk_button_listens_on_release_without_waiting_for_a_double_press(gpio_app):
+    app = gpio_app
+    events = []
+    app.bus.add_callback(events.append)
+    await app.start()
+    app._start_gpio()
+    pin = app.extensions["buttons"]._buttons[0].pin
+    loop = asyncio.get_running_loop()
+    await press(pin)
+    released = loop.time()
+    await until(lambda: any(e.type is EventType.TURN_START for e in events))
+    assert loop.time() - released < app.settings.gpio.double_press_s / 2
     await app.aclose()

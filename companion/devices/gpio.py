@@ -35,6 +35,11 @@ def hex_to_rgb(color: str) -> tuple[float, float, float]:
     return tuple(int(color[i : i + 2], 16) / 255 for i in (0, 2, 4))  # type: ignore[return-value]
 
 
+# The talk button has no double-press action; waiting out the double-press window would delay
+# listening by gpio.double_press_s (0.4 s) and lose the user's first words.
+IMMEDIATE_BUTTONS = frozenset({"talk"})
+
+
 @dataclass
 class ButtonActions:
     talk: Callable[[str], None]  # kind: short | long | double
@@ -135,6 +140,9 @@ class Buttons:
     def _on_released(self, name: str, action: Callable[[str], None]) -> None:
         if name in self._held:
             self._held.discard(name)
+            return
+        if name in IMMEDIATE_BUTTONS:  # no double press to wait for: listen at once
+            self._fire(name, "short", action)
             return
         pending = self._pending.pop(name, None)
         if pending is not None:  # second press within the window
