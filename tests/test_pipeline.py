@@ -26,6 +26,12 @@ def types(events: list[Event]) -> list[EventType]:
     return [e.type for e in events if e.type in wanted]
 
 
+async def until_seen(events: list[Event], kind: EventType, limit_s: float = 5.0) -> None:
+    async with asyncio.timeout(limit_s):
+        while not any(e.type is kind for e in events):  # noqa: ASYNC110  events land via callback
+            await asyncio.sleep(0.01)
+
+
 async def run_mic(app, limit_s: float = 3.0) -> None:
     async with asyncio.timeout(limit_s):
         await app.voice.run()
@@ -315,9 +321,7 @@ async def test_a_follow_up_window_does_not_cancel_speech_queued_behind_the_reply
     events = collect(app)
     await app.start()
     pump = asyncio.create_task(app.voice.run())
-    async with asyncio.timeout(5):
-        while not any(e.type is EventType.PLAYBACK_START for e in events):  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    await until_seen(events, EventType.PLAYBACK_START)
     voice = app.conversation.active_persona.voice_config.params()
     alarm = asyncio.create_task(app.speech.say("Your timer is done.", voice))  # waits its turn
     async with asyncio.timeout(10):
@@ -336,9 +340,7 @@ async def test_barge_in_stops_the_llm_not_just_the_speaker(tmp_path):
     events = collect(app)
     await app.start()
     pump = asyncio.create_task(app.voice.run())
-    async with asyncio.timeout(5):
-        while not any(e.type is EventType.PLAYBACK_START for e in events):  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    await until_seen(events, EventType.PLAYBACK_START)
     app.on_talk_button("short")  # barge-in
     async with asyncio.timeout(1):
         while llm.cancelled == 0:  # noqa: ASYNC110
