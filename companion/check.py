@@ -109,14 +109,8 @@ def _check_models(settings: CompanionSettings, registry: ModelRegistry, report: 
 
 
 def _check_personas(settings: CompanionSettings, registry: ModelRegistry, report: Report) -> None:
-    def voice_exists(voice: str) -> bool:
-        try:
-            registry.resolve(voice, kind="tts")
-        except ModelMissingError:
-            return False
-        return True
-
-    library = PersonaLibrary(settings.personas.dir, voice_exists=voice_exists)
+    library = PersonaLibrary(settings.personas.dir,
+                             voice_exists=lambda voice: registry.has(voice, kind="tts"))
     errors = library.load()
     report.add("personas", not errors and bool(library.ids()),
                f"{', '.join(library.ids()) or 'none'}"

@@ -100,6 +100,14 @@ class ModelRegistry:
             f"{', '.join(where)}). Install it with: {entry.how_to_install}"
         )
 
+    def has(self, name: str, kind: ModelKind | None = None) -> bool:
+        """True when ``name`` resolves to files on disk (persona validation, check)."""
+        try:
+            self.resolve(name, kind)
+        except ModelMissingError:
+            return False
+        return True
+
     def defaults(self) -> list[ModelEntry]:
         return [e for e in self.entries if e.default]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,12 @@ def fake_app(settings: CompanionSettings, *, features: Features = FAKE_FEATURES,
                 "wake": FakeWake(), "vad": FakeVad(), "sink": FakeSpeaker()}
     defaults.update(parts)
     return build_app(settings, features=features, **defaults)
+
+
+async def until(predicate, limit_s: float = 5.0):
+    """Poll ``predicate`` until it is truthy (state that a callback, signal handler or
+    background task changes) and return its value; TimeoutError after ``limit_s``."""
+    async with asyncio.timeout(limit_s):
+        while not (result := predicate()):  # noqa: ASYNC110  polling state owned elsewhere
+            await asyncio.sleep(0.01)
+    return result

@@ -18,16 +18,9 @@ from companion.devices.gpio import LedIndicator, make_gpio
 from companion.events import EventType
 from companion.settings import ControlPlaneSettings, GpioSettings
 from companion.stages.tts import AudioClip
+from tests.conftest import until
 from tests.control_helpers import FAST, control_plane, linked_device, url
 from tests.fakes import BLOCK, FakeMic, FakeSpeaker, FakeTranscriber, speech_block, wake_block
-
-
-async def until(predicate, limit_s: float = 3.0):
-    async with asyncio.timeout(limit_s):
-        while not (result := predicate()):  # noqa: ASYNC110  polling state owned by the daemon
-            await asyncio.sleep(0.01)
-    return result
-
 
 # --- pure parts ----------------------------------------------------------------------------------
 

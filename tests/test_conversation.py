@@ -4,7 +4,6 @@ prefixes), the prompt budget and the background summary, restart, forgetting, ha
 from __future__ import annotations
 
 import asyncio
-import itertools
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from companion.conversation import (
 )
 from companion.events import EventType
 from companion.store import Message, Store
-from tests.conftest import fake_app, make_settings
+from tests.conftest import fake_app, make_settings, until
 from tests.fakes import FakeChatModel, FakeSynthesizer
 
 
@@ -32,12 +31,6 @@ async def started(settings, **parts):
     return app
 
 
-async def until(predicate, timeout_s: float = 5.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        for _ in itertools.count():
-            if predicate():
-                return
-            await asyncio.sleep(0.01)
 
 
 async def ask(app, text: str, **kwargs):

@@ -6,7 +6,7 @@ import pytest
 
 from companion.app import Features
 from companion.events import EventType, PipelineState
-from tests.conftest import fake_app, make_settings
+from tests.conftest import fake_app, make_settings, until
 from tests.fakes import BLOCK, FakeMic, speech_block
 
 GPIO_FEATURES = Features(audio_devices=False, http=False, control=False, gpio=True,
@@ -28,10 +28,6 @@ async def press(pin, hold_s: float = 0.02) -> None:
     pin.drive_high()
 
 
-async def until(predicate, limit_s: float = 3.0) -> None:
-    async with asyncio.timeout(limit_s):
-        while not predicate():  # noqa: ASYNC110  polling mock hardware state
-            await asyncio.sleep(0.01)
 
 
 async def test_talk_button_starts_a_turn_and_the_led_follows_the_state(gpio_app):

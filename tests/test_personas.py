@@ -4,7 +4,6 @@ daemon never swaps a good persona for a bad one, reload on request and on SIGHUP
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import shutil
 import signal
@@ -16,7 +15,7 @@ from companion.app import install_signal_handlers
 from companion.models import ModelRegistry
 from companion.personas import PersonaFileError, PersonaLibrary, load_persona_file
 from companion.settings import PROJECT_ROOT, CompanionSettings
-from tests.conftest import fake_app, make_settings
+from tests.conftest import fake_app, make_settings, until
 
 SHIPPED = PROJECT_ROOT / "personas"
 
@@ -29,13 +28,6 @@ length_scale = 1.1
 '''
 
 
-async def until(predicate, timeout_s: float = 5.0) -> None:
-    """Poll ``predicate`` (a signal handler or background task makes it true)."""
-    async with asyncio.timeout(timeout_s):
-        for _ in itertools.count():
-            if predicate():
-                return
-            await asyncio.sleep(0.01)
 
 
 def _voice_exists(name: str) -> bool:

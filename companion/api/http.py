@@ -514,25 +514,22 @@ async def _generate(request: web.Request, body: s.ChatRequest, reply: Reply,
                 system_prompt=body.system_prompt, temperature=body.temperature,
                 max_tokens=body.max_tokens)
             async with contextlib.aclosing(stream) as deltas:
-                async for delta in deltas:
+                try:
+                    async for delta in deltas:
+                        if speaker is not None:
+                            speaker.feed(delta, reply.persona_id)
+                        await on_delta(delta)
+                except BaseException:  # whatever ends the turn early stops its speech too
                     if speaker is not None:
-                        speaker.feed(delta, reply.persona_id)
-                    await on_delta(delta)
+                        speaker.abort()
+                    raise
     except asyncio.CancelledError:
-        if speaker is not None:
-            speaker.abort()
         raise
     except SessionNotFoundError as exc:
-        if speaker is not None:
-            speaker.abort()
         raise ApiError(404, "NOT_FOUND", str(exc), {"conversation_id": body.conversation_id}) from exc
     except (ConnectionError, OSError):
-        if speaker is not None:
-            speaker.abort()
         raise
     except Exception as exc:
-        if speaker is not None:
-            speaker.abort()
         metrics.observe_inference("http", time.perf_counter() - started, failed=True)
         if isinstance(exc, TimeoutError):
             raise ApiError(502, "UPSTREAM_ERROR", "the model did not finish in time",

@@ -59,11 +59,7 @@ class PiperSynthesizer:
         self.load_voice(settings.voice)
 
     def has_voice(self, voice: str) -> bool:
-        try:
-            self._registry.resolve(voice, kind="tts")
-        except Exception:
-            return False
-        return True
+        return self._registry.has(voice, kind="tts")
 
     def load_voice(self, name: str):
         """The loaded voice, from the cache or from disk (the oldest unused one is dropped)."""
