@@ -21,7 +21,7 @@ import structlog
 from companion.events import EventBus, EventType
 from companion.personas import Persona, PersonaLibrary
 from companion.settings import LlmSettings
-from companion.stages.llm import ChatMessage, ChatModel, GenerationStats, SamplingParams
+from companion.stages.llm import ChatMessage, ChatModel, GenerationStats, Priority, SamplingParams
 from companion.stages.tts import VoiceParams
 from companion.store import Message, Store, new_id
 
@@ -300,10 +300,12 @@ class ConversationManager:
         new_session: bool = False, source: str = "voice", turn_id: str | None = None,
         system_prompt: str | None = None, temperature: float | None = None,
         max_tokens: int | None = None, latency: dict[str, float] | None = None,
+        priority: Priority = Priority.INTERACTIVE,
     ) -> AsyncIterator[str]:
         """Stream the reply's deltas. ``reply`` (if given) is filled in as it goes; the turn
         (user words and reply together) is recorded when generation completes, not when it is
-        cancelled. ``latency`` adds the caller's timings (e.g. stt_ms) to the record."""
+        cancelled. ``latency`` adds the caller's timings (e.g. stt_ms) to the record.
+        ``priority``: VOICE for a person talking to the device, INTERACTIVE otherwise."""
         async with self._switch_lock:  # one consistent persona + session for the whole turn
             persona = self.active_persona
             if session_id is not None:
@@ -331,7 +333,7 @@ class ConversationManager:
                                                       params.max_tokens)
         started = time.perf_counter()
         parts: list[str] = []
-        stream = self.llm.stream(messages, params, reply.stats)
+        stream = self.llm.stream(messages, params, reply.stats, priority=priority)
         async with contextlib.aclosing(stream):  # closing us stops the LLM at its next token
             async for delta in stream:
                 parts.append(delta)
@@ -503,7 +505,8 @@ class ConversationManager:
                                        {"role": "user", "content": transcript}]
         try:
             parts = [d async for d in self.llm.stream(
-                messages, SamplingParams(temperature=0.0, max_tokens=120))]
+                messages, SamplingParams(temperature=0.0, max_tokens=120),
+                priority=Priority.BACKGROUND)]
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -26,6 +26,7 @@ from companion.devices.audio import AudioSource
 from companion.events import EventBus, EventType, PipelineState
 from companion.settings import CompanionSettings, VadSettings
 from companion.speech import SpeechOutput
+from companion.stages.llm import Priority
 from companion.stages.sentences import SentenceSplitter
 from companion.stages.stt import Transcriber, Transcript
 from companion.stages.vad import Endpointer, SegmentState, SpeechClassifier
@@ -388,7 +389,8 @@ class VoiceLoop:
         async def sentences() -> AsyncIterator[str]:
             splitter = SentenceSplitter()
             first_token = True
-            deltas = self.conversation.respond(text, reply=reply, turn_id=turn_id, source="voice")
+            deltas = self.conversation.respond(text, reply=reply, turn_id=turn_id, source="voice",
+                                               priority=Priority.VOICE)
             async with contextlib.aclosing(deltas):  # barge-in stops the LLM at once
                 async for delta in deltas:
                     if first_token:

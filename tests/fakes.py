@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from companion.stages.llm import ChatMessage, GenerationStats, SamplingParams
+from companion.stages.llm import ChatMessage, GenerationStats, Priority, SamplingParams
 from companion.stages.stt import Transcript
 from companion.stages.tts import AudioClip, VoiceParams
 from companion.stages.wake import Detection
@@ -89,13 +89,16 @@ class FakeChatModel:
         self.prefixes: dict[str, list[ChatMessage]] = {}
         self.loaded_prefix: str | None = None
         self.cancelled = 0
+        self.priorities: list[Priority] = []  # of each stream() call, in call order
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
     async def stream(self, messages: list[ChatMessage], params: SamplingParams,
-                     stats: GenerationStats | None = None) -> AsyncIterator[str]:
+                     stats: GenerationStats | None = None, *,
+                     priority: Priority = Priority.INTERACTIVE) -> AsyncIterator[str]:
         self.prompts.append(list(messages))
+        self.priorities.append(priority)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = sum(self.count_tokens(m["content"]) for m in messages)
         text = self.reply[: params.max_tokens * 8]
@@ -110,7 +113,8 @@ class FakeChatModel:
             raise
         stats.finish_reason = "stop"
 
-    async def warm_prefix(self, key: str, messages: list[ChatMessage]) -> None:
+    async def warm_prefix(self, key: str, messages: list[ChatMessage], *,
+                          priority: Priority = Priority.BACKGROUND) -> None:
         self.prefixes[key] = list(messages)
 
     def load_prefix(self, key: str) -> bool:

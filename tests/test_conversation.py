@@ -19,6 +19,7 @@ from companion.conversation import (
     message_tokens,
 )
 from companion.events import EventType
+from companion.stages.llm import Priority
 from companion.store import Message, Store
 from tests.conftest import fake_app, make_settings, until
 from tests.fakes import FakeChatModel, FakeSynthesizer
@@ -246,6 +247,7 @@ async def test_older_turns_are_folded_into_a_summary_in_the_background(tmp_path:
     session = app.store.get_session(sid)
     assert session is not None and session.summary == "short answer here"
     summary_calls = [p for p in llm.prompts if p[0]["content"].startswith("Summarize")]
+    assert {llm.priorities[llm.prompts.index(p)] for p in summary_calls} == {Priority.BACKGROUND}
     assert summary_calls and "user: question number 0 about things" in summary_calls[0][1]["content"]
     left = app.store.messages(sid, after_id=session.summarized_upto)
     assert sum(message_tokens(m, llm.count_tokens) for m in left) <= 100 * KEEP_AFTER_SUMMARY

@@ -274,7 +274,7 @@ async def test_chat_speak_says_the_reply_in_the_persona_voice(api):
 
 
 class BrokenChatModel(FakeChatModel):
-    async def stream(self, messages, params, stats=None):
+    async def stream(self, messages, params, stats=None, *, priority=None):
         yield "Par"
         raise RuntimeError("llama.cpp exploded")
 

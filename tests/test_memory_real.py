@@ -27,9 +27,9 @@ class Recording:
         self.real = llm
         self.prompts: list[list[dict]] = []
 
-    def stream(self, messages, params, stats=None):
+    def stream(self, messages, params, stats=None, **kwargs):
         self.prompts.append(list(messages))
-        return self.real.stream(messages, params, stats)
+        return self.real.stream(messages, params, stats, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)

@@ -4,6 +4,7 @@ import asyncio
 
 from companion.events import Event, EventType, PipelineState
 from companion.pipeline import LocalAction
+from companion.stages.llm import Priority
 from tests.conftest import fake_app, make_settings
 from tests.fakes import BLOCK, FakeChatModel, FakeMic, FakeSpeaker, FakeTranscriber, speech_block, wake_block
 
@@ -40,11 +41,12 @@ async def run_mic(app, limit_s: float = 3.0) -> None:
 
 async def test_a_turn_emits_every_stage_in_order(tmp_path):
     settings = make_settings(tmp_path, pipeline={"follow_up_window_s": 0})
-    app = fake_app(settings, source=FakeMic(UTTERANCE),
-                   llm=FakeChatModel("Paris is the capital. It is lovely."))
+    llm = FakeChatModel("Paris is the capital. It is lovely.")
+    app = fake_app(settings, source=FakeMic(UTTERANCE), llm=llm)
     events = collect(app)
     await app.start()
     await run_mic(app)
+    assert llm.priorities == [Priority.VOICE]  # a person is waiting: ahead of other LLM work
     T = EventType
     seen = types(events)
     assert seen[:7] == [T.WAKE_DETECTED, T.TURN_START, T.SPEECH_START, T.SPEECH_END, T.STT_START,

@@ -45,7 +45,7 @@ from companion.control.protocol import (
 from companion.conversation import PersonaNotFoundError
 from companion.events import Event, EventType
 from companion.personas import Persona
-from companion.stages.llm import ChatMessage, SamplingParams
+from companion.stages.llm import ChatMessage, Priority, SamplingParams
 from companion.stages.tts import AudioClip, VoiceParams
 
 if TYPE_CHECKING:
@@ -335,7 +335,8 @@ class CommandHandlers:
                                        {"role": "user", "content": instruction}]
         params = SamplingParams(temperature=max(0.5, persona.behavior_config.temperature),
                                 max_tokens=max_tokens)
-        parts = [delta async for delta in conv.llm.stream(messages, params)]
+        parts = [delta async for delta in conv.llm.stream(messages, params,
+                                                           priority=Priority.BACKGROUND)]
         return "".join(parts).strip()
 
     # --- timing ---------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any, Literal, Protocol, TypedDict
 
 import numpy as np
@@ -26,6 +27,16 @@ from companion.models import ModelRegistry
 from companion.settings import LlmSettings
 
 log = structlog.get_logger(__name__)
+
+
+class Priority(IntEnum):
+    """Who waits for a generation; lower runs first. A person talking to the device (VOICE)
+    goes before an HTTP client (INTERACTIVE), which goes before work nobody waits for
+    (BACKGROUND: summaries, persona warm-up, trivia and stories)."""
+
+    VOICE = 0
+    INTERACTIVE = 1
+    BACKGROUND = 2
 
 
 class ChatMessage(TypedDict):
@@ -62,25 +73,19 @@ class ChatModel(Protocol):
     model_name: str
     context_length: int
 
-    def close(self) -> None:
-        """Stop the worker thread and free the model (App.aclose)."""
-        self._thread.shutdown(wait=True, cancel_futures=True)
-        with self._lock:
-            self._prefix_states.clear()
-            self._llama.close()
-
     def count_tokens(self, text: str) -> int: ...
 
     def stream(
         self, messages: list[ChatMessage], params: SamplingParams,
-        stats: GenerationStats | None = None,
+        stats: GenerationStats | None = None, *, priority: Priority = Priority.INTERACTIVE,
     ) -> AsyncIterator[str]: ...
 
 
 class PrefixCachingChatModel(ChatModel, Protocol):
     """A chat model that can keep a persona's evaluated system prompt (llama.cpp state)."""
 
-    async def warm_prefix(self, key: str, messages: list[ChatMessage]) -> None: ...
+    async def warm_prefix(self, key: str, messages: list[ChatMessage], *,
+                          priority: Priority = Priority.BACKGROUND) -> None: ...
 
     def load_prefix(self, key: str) -> bool: ...
 
@@ -144,7 +149,7 @@ class LlamaCppChatModel:
 
     async def stream(
         self, messages: list[ChatMessage], params: SamplingParams,
-        stats: GenerationStats | None = None,
+        stats: GenerationStats | None = None, *, priority: Priority = Priority.INTERACTIVE,
     ) -> AsyncIterator[str]:
         stats = stats if stats is not None else GenerationStats()
         loop = asyncio.get_running_loop()
@@ -239,7 +244,8 @@ class LlamaCppChatModel:
 
     # --- prefix states: the evaluated persona prompt, kept per persona -------------------
 
-    async def warm_prefix(self, key: str, messages: list[ChatMessage]) -> None:
+    async def warm_prefix(self, key: str, messages: list[ChatMessage], *,
+                          priority: Priority = Priority.BACKGROUND) -> None:
         """Evaluate ``messages`` (a persona's system prompt) and keep llama.cpp's state under
         ``key``: a later turn that starts with them re-uses it instead of re-reading them."""
         await asyncio.get_running_loop().run_in_executor(self._thread, self._warm_prefix, key, messages)
