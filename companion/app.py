@@ -199,6 +199,7 @@ class App:
             if self.features.warm_personas:
                 group.create_task(self.conversation.warm_personas(), name="warm-personas")
             if self.voice is not None:
+                await self.start_arbitration()
                 group.create_task(self.voice.run(), name="voice-loop")
             if self.features.gpio and self.settings.gpio.enabled:
                 self._start_gpio()
@@ -208,6 +209,27 @@ class App:
                 group.create_task(run_control_link(self), name="control-link")
             group.create_task(systemd.supervise(self), name="systemd")
             group.create_task(self._housekeeping(), name="housekeeping")
+
+    async def start_arbitration(self) -> None:
+        """Several devices, one wake word: the control link (when it runs) and, in peer mode,
+        UDP multicast decide which device answers (companion.arbitration)."""
+        from companion.arbitration import Arbiter
+
+        s = self.settings
+        if self.voice is None or not s.arbitration.enabled:
+            return
+        arbiter = Arbiter(lambda: self.settings.arbitration, s.device_id, self.bus,
+                          control=lambda: self.extensions.get("control_link"))
+        if s.arbitration.peer:
+            from companion.peers import PeerTransport
+
+            peer = PeerTransport(lambda: self.settings.arbitration, s.device_id,
+                                 on_claim=arbiter.on_peer_claim)
+            await peer.start()
+            arbiter.peer = peer
+            self.extensions["peers"] = peer
+        self.voice.arbiter = arbiter
+        self.extensions["arbiter"] = arbiter
 
     def _after_turn(self, event) -> None:
         if event.type in (EventType.TURN_END, EventType.TURN_ERROR, EventType.EXCHANGE_RECORDED):
@@ -277,7 +299,10 @@ class App:
             await commands.aclose()
         if hasattr(self, "conversation"):
             await self.conversation.aclose()
-        for name in ("buttons", "led"):
+        arbiter = self.extensions.get("arbiter")
+        if arbiter is not None:
+            await arbiter.aclose()
+        for name in ("buttons", "led", "peers"):
             part = self.extensions.get(name)
             if part is not None:
                 with contextlib.suppress(Exception):

@@ -19,6 +19,7 @@ log = structlog.get_logger(__name__)
 class EventType(StrEnum):
     # a turn and its stages, in the order they happen
     WAKE_DETECTED = "wake-detected"
+    WAKE_ARBITRATION = "wake-arbitration"  # several devices heard it: this one answers or not
     TURN_START = "turn-start"
     LISTEN_START = "listen-start"
     SPEECH_START = "speech-start"

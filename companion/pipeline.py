@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from companion.arbitration import Arbiter, Round, measure_wake
 from companion.conversation import ConversationManager, Reply
 from companion.devices.audio import AudioSource
 from companion.events import EventBus, EventType, PipelineState
@@ -37,6 +38,7 @@ from companion.store import new_id
 log = structlog.get_logger(__name__)
 
 SPECULATIVE_STT_AFTER_S = 0.25  # pause length that starts a speculative transcription
+WAKE_CONTEXT_S = 3.0  # audio kept up to a wake word: the word and the noise floor before it
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,11 @@ class VoiceLoop:
         self._wake_backlog: deque[bytes] = deque(maxlen=100)  # ~3 s heard while thinking
         # called with (turn_id, 16 kHz PCM) for every utterance (the control link's audio_stream)
         self.utterance_listeners: list[Callable[[str, bytes], None]] = []
+        # several devices heard the word: who answers (set by the app; None = always this one)
+        self.arbiter: Arbiter | None = None
+        self._heard: deque[bytes] = deque(
+            maxlen=max(1, int(WAKE_CONTEXT_S * 1000 / settings.audio.block_ms)))
+        self._rounds: dict[str, Round] = {}
 
     # --- the microphone pump --------------------------------------------------------------------
 
@@ -118,6 +125,7 @@ class VoiceLoop:
     async def _detect_wake(self, block: bytes) -> bool:
         assert self.wake is not None
         started = time.perf_counter()
+        self._heard.append(block)
         detection = await self.wake.process(block)
         if detection is not None:
             self._on_wake(detection, time.perf_counter() - started)
@@ -130,8 +138,35 @@ class VoiceLoop:
         log.info("wake word", word=detection.word, score=round(detection.score, 3), turn_id=turn_id)
         if self.wake is not None:
             self.wake.reset()  # the word's audio must not fire again after the turn
-        self.start_turn(trigger="wake", turn_id=turn_id, wake_word=detection.word,
-                        wake_compute_s=compute_s)
+        if self.start_turn(trigger="wake", turn_id=turn_id, wake_word=detection.word,
+                           wake_compute_s=compute_s) is not None and self.turn is not None:
+            self._arbitrate(turn_id, detection, self.turn)
+
+    # --- several devices, one wake word (companion.arbitration) -----------------------------------
+
+    def _arbitrate(self, turn_id: str, detection: Detection, turn: asyncio.Task[None]) -> None:
+        """Listening has started (the user loses nothing); the answer waits for the verdict."""
+        heard = b"".join(self._heard)
+        self._heard.clear()
+        if self.arbiter is None:
+            return
+        round_ = self.arbiter.begin(turn_id, detection.word, detection.score, measure_wake(heard))
+        if round_ is None:
+            return
+        self._rounds[turn_id] = round_
+        round_.result.add_done_callback(lambda result: self._on_verdict(turn, result))
+
+    def _on_verdict(self, turn: asyncio.Task[None], result: asyncio.Future) -> None:
+        if result.cancelled() or result.result().won:
+            return
+        if turn is self.turn and not turn.done():  # another device answers: stop, silently
+            turn.cancel()
+            self._release_microphone()
+
+    async def _committed(self, turn_id: str) -> bool:
+        """True when this device answers the turn (it won, or nobody else is there)."""
+        round_ = self._rounds.pop(turn_id, None)
+        return round_ is None or (await round_.commit()).won
 
     # --- turns ------------------------------------------------------------------------------------
 
@@ -254,6 +289,7 @@ class VoiceLoop:
             self.status.set_state(PipelineState.ERROR, turn_id)
             await self._apologise(turn_id)
         finally:
+            self._rounds.pop(turn_id, None)
             if self._turn_audio is audio:
                 self._release_microphone()
             if self.turn is asyncio.current_task() and self._turn_audio is None:
@@ -278,6 +314,8 @@ class VoiceLoop:
             return False
         if self._turn_audio is audio:
             self._release_microphone()  # the wake detector hears again (barge-in)
+        if not await self._committed(turn_id):
+            return False
         text = self._without_wake_phrase(transcript.text)
         if not text:  # only the wake word (said again in a follow-up window): listen anew
             self.bus.emit(EventType.NO_SPEECH, turn_id, reason="wake word only")

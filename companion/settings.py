@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -178,6 +178,44 @@ class ControlPlaneSettings(_Section):
         return bool(self.url)
 
 
+class ArbitrationSettings(_Section):
+    """Several devices hear one wake word: exactly one answers (docs/control-plane.md)."""
+
+    enabled: bool = Field(True, description="Take part in wake word arbitration at all.")
+    room: str = Field(
+        "default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="The room group this device arbitrates wake words in (the control plane "
+        "can assign it with config_update).",
+    )
+    window_ms: int = Field(
+        200, ge=20, le=2000, description="How long a device waits for the result before it "
+        "answers anyway; devices whose wake times fall within it arbitrate together.",
+    )
+    peer: bool = Field(
+        False, description="Arbitrate peer to peer over UDP multicast when the control plane "
+        "is down or silent (needs arbitration.secret).",
+    )
+    secret: SecretStr | None = Field(
+        None, description="Shared group secret that signs peer announcements (HMAC-SHA256).",
+    )
+    peer_group: str = Field("239.255.42.99", description="IPv4 multicast group of the peers.")
+    peer_port: int = Field(47613, ge=1, le=65535, description="UDP port of the peer group.")
+    peer_interface: str = Field(
+        "0.0.0.0", description="IPv4 address of the interface to multicast on; 0.0.0.0 = the "
+        "system's choice.",
+    )
+    peer_beacon_s: float = Field(
+        10.0, gt=0.0, description="How often a device tells its peers it is there (so a device "
+        "alone in its room need not wait the window).",
+    )
+
+    @model_validator(mode="after")
+    def _secret_for_peers(self) -> ArbitrationSettings:
+        if self.peer and (self.secret is None or len(self.secret.get_secret_value()) < 16):
+            raise ValueError("arbitration.peer needs arbitration.secret (16 characters or more)")
+        return self
+
+
 class ApiSettings(_Section):
     host: str = Field("127.0.0.1", description="Bind address; non-loopback needs api.keys.")
     port: int = Field(3000, ge=0, le=65535)
@@ -245,6 +283,7 @@ class CompanionSettings(BaseSettings):
     tts: TtsSettings = TtsSettings()
     gpio: GpioSettings = GpioSettings()
     control_plane: ControlPlaneSettings = ControlPlaneSettings()
+    arbitration: ArbitrationSettings = ArbitrationSettings()
     api: ApiSettings = ApiSettings()
     personas: PersonaSettings = PersonaSettings()
     pipeline: PipelineSettings = PipelineSettings()

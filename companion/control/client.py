@@ -46,6 +46,8 @@ from companion.control.protocol import (
     REPLY,
     TEXT_INPUT,
     TRANSCRIPT,
+    WAKE_ARBITRATION,
+    WAKE_DETECTED,
     Command,
     ProtocolError,
     device_frame,
@@ -349,6 +351,12 @@ class ControlLink:
         if command.type == RECEIVED:
             await self._on_receipt(command.payload.ids, command.payload.server_time)
             return
+        if command.type == WAKE_ARBITRATION:  # a result for the pipeline, not a command
+            arbiter = self.app.extensions.get("arbiter")
+            if arbiter is not None:
+                arbiter.on_control_result(command.payload.turn_id,
+                                          command.payload.winner_device_id)
+            return
         # the claim (a row in SQLite) and the start of the command must not be split by the
         # link dropping: shielded, a claimed command always runs
         accepting = asyncio.create_task(self.accept(command, received_at))
@@ -430,6 +438,22 @@ class ControlLink:
 
     # --- frames to the server ------------------------------------------------------------------------
 
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None and self.status.connected
+
+    def plane_time(self) -> float:
+        """Now on the control plane's clock (the offset measured from receipts)."""
+        return self.clock() + self.clock_offset_s
+
+    async def send_wake(self, payload: dict[str, Any]) -> bool:
+        """Send a ``wake_detected`` now, outside the outbox: after its window it is useless."""
+        ws = self._ws
+        if ws is None or not self.status.connected:
+            return False
+        await self._send_now(ws, device_frame(WAKE_DETECTED, payload))
+        return True
+
     async def enqueue(self, frame: dict[str, Any]) -> None:
         """Keep a frame durably and send it when the link is up."""
         await self.app.store.run(self.outbox.put, frame)
@@ -487,7 +511,8 @@ class ControlLink:
         return {
             "device_id": app.settings.device_id, "version": _version(),
             "protocol": PROTOCOL_VERSION,
-            "capabilities": sorted(COMMAND_TYPES | {"receipts"}
+            "room": app.settings.arbitration.room,
+            "capabilities": sorted(COMMAND_TYPES | {"receipts", WAKE_ARBITRATION}
                                    | ({"speaker"} if app.speech.sink is not None else set())
                                    | ({"microphone"} if app.voice is not None else set())
                                    | ({"led"} if "led" in app.extensions else set())),
@@ -505,6 +530,7 @@ class ControlLink:
         return {
             "status": "busy" if busy else "online",
             "pipeline_state": str(status.pipeline_state), "muted": status.muted,
+            "room": app.settings.arbitration.room,
             "volume": status.volume, "active_persona_id": app.conversation.active_persona_id,
             "active_session_id": app.conversation.active_session_id,
             "device_time": self.clock(),

@@ -15,6 +15,11 @@ it over a small HTTP API on the same port:
     POST /handoff?wait=10                       {"from_device_id", "to_device_id", "session_id"?,
                                                  "notify_user"?}
     POST /broadcast                             {"type", "payload"} to every connected device
+    POST /rooms/{room}/announce                 {"type"?, "payload", "target": "nearest"|"all"}
+    GET  /arbitration                           recent wake word decisions, per room
+
+Wake words heard by several devices of one room are arbitrated by ``companion.arbitration``'s
+``WakeRounds`` (docs/control-plane.md, "Several devices, one wake word").
 
     companion-controlplane serve --port 8765 --token secret --state cp.db
     companion-controlplane send kitchen persona_switch '{"persona_id": "entertainer"}' --wait 5
@@ -41,7 +46,9 @@ from typing import Any, TypeVar
 
 import structlog
 from aiohttp import WSMsgType, web
+from pydantic import ValidationError
 
+from companion.arbitration import Claim, WakeRounds
 from companion.control.protocol import (
     ACK,
     COMMAND_TYPES,
@@ -50,6 +57,9 @@ from companion.control.protocol import (
     RECEIPTS_HEADER,
     RECEIVED,
     SESSION_EXPORT,
+    WAKE_ARBITRATION,
+    WAKE_DETECTED,
+    WakeDetected,
     server_frame,
 )
 
@@ -100,6 +110,7 @@ class DeviceConn:
     hello: dict[str, Any] | None = None
     last_heartbeat: dict[str, Any] | None = None
     last_heartbeat_at: float | None = None
+    room: str | None = None  # arbitration.room, from hello, heartbeats and wake claims
 
 
 class ControlPlane:
@@ -127,6 +138,7 @@ class ControlPlane:
         self.connect_log: list[tuple[str, float]] = []  # (device_id, time) of every connection
         self.frame_log: list[tuple[str, str, float]] = []  # (device_id, type, time), memory only
         self._changed = asyncio.Event()
+        self.wake_rounds = WakeRounds(self._send_wake_result, self.room_members)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         self.app = self._make_app()
@@ -147,6 +159,8 @@ class ControlPlane:
             web.get("/commands/{command_id}", self.http_command),
             web.post("/handoff", self.http_handoff),
             web.post("/broadcast", self.http_broadcast),
+            web.post("/rooms/{room}/announce", self.http_room_announce),
+            web.get("/arbitration", self.http_arbitration),
         ])
         return app
 
@@ -227,6 +241,10 @@ class ControlPlane:
             log.warning("bad frame from device", device_id=conn.device_id, frame=text[:200])
             return
         self.frame_log.append((conn.device_id, type_, now))
+        if type_ in (HELLO, HEARTBEAT) and isinstance(payload.get("room"), str):
+            conn.room = payload["room"]
+        if type_ == WAKE_DETECTED:  # first: the devices are waiting for the result
+            await self._on_wake(conn, payload)
         if type_ == HEARTBEAT:
             conn.last_heartbeat, conn.last_heartbeat_at = payload, now
         elif type_ == HELLO:
@@ -256,6 +274,29 @@ class ControlPlane:
         if type_ == HELLO:
             await self._resend_pending(conn)
         self._notify()
+
+    async def _on_wake(self, conn: DeviceConn, payload: dict[str, Any]) -> None:
+        try:
+            claim = Claim.from_payload(conn.device_id, WakeDetected.model_validate(payload))
+        except ValidationError as exc:
+            log.warning("bad wake_detected", device_id=conn.device_id, error=str(exc)[:300])
+            return
+        conn.room = claim.room
+        await self.wake_rounds.claim(claim)
+
+    def room_members(self, room: str) -> set[str]:
+        """Connected devices of a room group."""
+        return {d for d, c in self.devices.items() if c.room == room}
+
+    async def _send_wake_result(self, device_id: str, payload: dict[str, Any]) -> None:
+        """A result is not a command: not stored, not resent (useless after its window)."""
+        conn = self.devices.get(device_id)
+        if conn is None:
+            return
+        try:
+            await conn.ws.send_str(json.dumps(server_frame(WAKE_ARBITRATION, payload)))
+        except (ConnectionError, RuntimeError):
+            pass
 
     async def _forward_handoff(self, from_device: str, export: dict[str, Any]) -> None:
         target = str(export["to_device_id"])
@@ -467,6 +508,36 @@ class ControlPlane:
                                   priority=int(body.get("priority", 0)))
                for d in list(self.devices)}
         return web.json_response({"commands": ids}, status=202)
+
+
+    async def http_room_announce(self, request: web.Request) -> web.Response:
+        """An announcement for a room group: to the device nearest the user (the one that last
+        won a wake word there; else the first connected member) or to all of them."""
+        room = request.match_info["room"]
+        body = await _json_body(request)
+        target = body.get("target", "nearest")
+        type_ = str(body.get("type", "announce"))
+        if target not in ("nearest", "all"):
+            return _error(422, "VALIDATION_ERROR", "target must be 'nearest' or 'all'")
+        if type_ not in ("announce", "broadcast", "audio_response"):
+            return _error(422, "VALIDATION_ERROR", "type must be announce, broadcast or "
+                          "audio_response")
+        if not isinstance(body.get("payload", {}), dict):
+            return _error(422, "VALIDATION_ERROR", "payload must be an object")
+        members = sorted(self.room_members(room))
+        if not members:
+            return _error(404, "NOT_FOUND", f"no connected device in room {room!r}")
+        if target == "nearest":
+            nearest = self.wake_rounds.nearest(room)
+            members = [nearest if nearest in members else members[0]]
+        ids = {d: await self.send(d, type_, body.get("payload") or {},
+                                  priority=int(body.get("priority", 0))) for d in members}
+        return web.json_response({"room": room, "target": target, "commands": ids}, status=202)
+
+    async def http_arbitration(self, request: web.Request) -> web.Response:
+        rounds = self.wake_rounds
+        return web.json_response({"decisions": rounds.decisions, "nearest": {
+            room: device for room, (device, _) in rounds.last_winner.items()}})
 
 
 def _command_row(row: sqlite3.Row) -> dict[str, Any]:

@@ -70,6 +70,7 @@ RUNTIME_SETTINGS = frozenset({
     "audio.output_volume", "pipeline.turn_timeout_s", "pipeline.follow_up_window_s",
     "pipeline.local_commands", "vad.no_speech_timeout_s", "vad.silence_end_s",
     "tts.sentence_silence_s", "storage.retention_days", "log_level",
+    "arbitration.enabled", "arbitration.room", "arbitration.window_ms",
 })
 
 

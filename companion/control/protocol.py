@@ -5,6 +5,8 @@
 
 Every server → device type has a pydantic payload model, so a bad frame is refused with an
 ``error`` frame that names the problem (field and reason) before anything in the daemon changes.
+SPEC §9 adds ``wake_detected`` (device → server) and ``wake_arbitration`` (server → device);
+neither is a command: no ack, no outbox, no resend (a result is useless after its window).
 Two additions to SPEC §4, both optional for a server: ``received`` (server → device, ``{"ids":
 [...], "server_time": epoch s}``: those frames are stored, the device may drop them from its
 outbox; it also gives the clock-offset samples) and the ``X-Companion-Receipts: 1`` header on
@@ -35,12 +37,14 @@ AUDIO_STREAM = "audio_stream"
 ACK = "ack"
 SESSION_EXPORT = "session_export"
 ERROR = "error"
+WAKE_DETECTED = "wake_detected"  # SPEC §9: sent outside the outbox (stale after the window)
 DEVICE_TYPES = frozenset({HELLO, HEARTBEAT, TEXT_INPUT, TRANSCRIPT, REPLY, BUTTON_PRESS,
-                          AUDIO_STREAM, ACK, SESSION_EXPORT, ERROR})
+                          AUDIO_STREAM, ACK, SESSION_EXPORT, ERROR, WAKE_DETECTED})
 # what must reach the server even when the outbox overflows (dropped last)
 ESSENTIAL_TYPES = frozenset({ACK, SESSION_EXPORT})
 
 RECEIVED = "received"  # server → device delivery receipt (extension, see the module docstring)
+WAKE_ARBITRATION = "wake_arbitration"  # SPEC §9: a result, not a command (no ack, no outbox)
 
 HEX_COLOR = re.compile(r"^#?[0-9A-Fa-f]{6}$")
 NAMED_COLORS = {"red": "#FF0000", "green": "#00FF00", "blue": "#0000FF", "white": "#FFFFFF",
@@ -183,6 +187,26 @@ class Received(_Payload):
     server_time: float | None = None
 
 
+class WakeDetected(_Payload):
+    """device → server (and peer → peer): this device heard a wake word (SPEC §9)."""
+
+    turn_id: str = Field(min_length=1, max_length=128)
+    word: str = Field(min_length=1, max_length=64)
+    score: float = Field(ge=0.0, le=1.0)
+    level_dbfs: float = Field(ge=-200.0, le=10.0)
+    snr_db: float = Field(ge=0.0, le=300.0)
+    at: float = Field(description="wake time on the control plane's clock (epoch seconds)")
+    room: str = Field("default", min_length=1, max_length=64)
+    window_ms: int = Field(200, ge=1, le=10_000)
+
+
+class WakeArbitration(_Payload):
+    """server → device: which device of the room answers the wake word of ``turn_id``."""
+
+    turn_id: str = Field(min_length=1, max_length=128)
+    winner_device_id: str = Field(min_length=1, max_length=64)
+
+
 SERVER_PAYLOADS: dict[str, type[_Payload]] = {
     "persona_switch": PersonaSwitch,
     "audio_response": AudioResponse,
@@ -196,8 +220,9 @@ SERVER_PAYLOADS: dict[str, type[_Payload]] = {
     "config_update": ConfigUpdate,
     "ping": Ping,
     RECEIVED: Received,
+    WAKE_ARBITRATION: WakeArbitration,
 }
-COMMAND_TYPES = frozenset(SERVER_PAYLOADS) - {RECEIVED}
+COMMAND_TYPES = frozenset(SERVER_PAYLOADS) - {RECEIVED, WAKE_ARBITRATION}
 
 
 class ServerFrame(BaseModel):
