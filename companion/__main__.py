@@ -5,6 +5,7 @@
     companion say "text" [--out x.wav]    TTS only (speaker, or a WAV file)
     companion check                       loads every model, looks at devices and settings
     companion simulate --input in.wav --output out.wav [--events ev.jsonl] [--fast]
+    companion models list|pull NAME|verify [NAME]|use NAME
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from companion.app import VERSION, Features, build_app, install_signal_handlers,
 from companion.devices.audio import AudioFileError, AudioUnavailableError, WavFileSink, WavFileSource
 from companion.log import configure_logging
 from companion.models import ModelMissingError
+from companion.models_cli import add_parser as add_models_parser
+from companion.models_cli import cmd_models
 from companion.settings import CompanionSettings, describe_validation_error, load_settings
 
 log = structlog.get_logger("companion")
@@ -56,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sim.add_argument("--no-wake", action="store_true",
                      help="start listening at once, as if the button was pressed")
     sim.add_argument("--data-dir", type=Path, help="keep the store here (default: temporary)")
+    add_models_parser(sub)
     return parser.parse_args(argv)
 
 
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     configure_logging(settings.log_level, settings.log_format)
     commands = {"run": cmd_run, "chat": cmd_chat, "say": cmd_say, "check": cmd_check,
-                "simulate": cmd_simulate}
+                "simulate": cmd_simulate, "models": cmd_models}
     try:
         return asyncio.run(commands[args.command](settings, args))
     except KeyboardInterrupt:

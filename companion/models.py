@@ -70,7 +70,10 @@ class ResolvedModel:
 class ModelRegistry:
     def __init__(self, models_dir: Path) -> None:
         self.models_dir = models_dir
-        self.entries = _read_manifest(models_dir / "manifest.toml")
+        # the bundled models first (they win a name clash), then what `companion models pull`
+        # can install under models_dir/<name>/
+        self.entries = _read_manifest(models_dir / "manifest.toml") + _catalog_entries(
+            models_dir / "catalog.toml")
 
     def entry(self, name: str) -> ModelEntry:
         for entry in self.entries:
@@ -129,6 +132,22 @@ def _module_dir(module: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+@cache
+def _catalog_entries(path: Path) -> tuple[ModelEntry, ...]:
+    from companion.model_catalog import load_catalog
+
+    entries = []
+    for item in load_catalog(path).entries.values():
+        config = next((f.name for f in item.files[1:] if f.name.endswith(".onnx.json")), None)
+        entries.append(ModelEntry(
+            name=item.name, kind=item.kind, display_name=item.display_name,  # type: ignore[arg-type]
+            package="models/catalog.toml", file=item.primary.name, aliases=item.aliases,
+            local=item.name, config=config, sha256=item.primary.sha256,
+            parameters=item.parameters, context_length=item.context_length,
+            install_hint=f"companion models pull {item.name}"))
+    return tuple(entries)
 
 
 def _sidecar_config(path: Path) -> str | None:
