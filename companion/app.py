@@ -18,6 +18,8 @@ from typing import Any
 
 import structlog
 
+from companion.actions import ActionRegistry, build_registry
+from companion.actions.timers import Timers
 from companion.compute import ComputeGate, release_free_memory
 from companion.conversation import ConversationManager
 from companion.devices.audio import AudioSink, AudioSource, AudioUnavailableError
@@ -90,6 +92,8 @@ class App:
         self.voice: VoiceLoop | None = None
         self.sink: AudioSink | None = None
         self.extensions: dict[str, Any] = dict(parts.extra)
+        self.actions: ActionRegistry = build_registry(self)  # everything it can be asked to do
+        self.timers = Timers(self)
         self._tasks: list[asyncio.Task] = []
 
     # --- start-up ---------------------------------------------------------------------------------
@@ -238,38 +242,20 @@ class App:
             task.add_done_callback(self._tasks.remove)
 
     def _start_gpio(self) -> None:
-        from companion.devices.gpio import ButtonActions, Buttons, LedIndicator, make_gpio
+        from companion.actions.buttons import button_actions
+        from companion.devices.gpio import Buttons, LedIndicator, make_gpio
 
         try:
             led = make_gpio(self.settings.gpio)
             if led is not None:
                 self.extensions["led"] = LedIndicator(
                     led, self.bus, lambda: self.conversation.active_persona.led_color)
-            self.extensions["buttons"] = Buttons(
-                self.settings.gpio, ButtonActions(talk=self.on_talk_button,
-                                                  mute=self.on_mute_button),
-                self.bus, asyncio.get_running_loop())
+            self.extensions["buttons"] = Buttons(self.settings.gpio, button_actions(self),
+                                                 self.bus, asyncio.get_running_loop())
             self.status.set_component("gpio", True, "buttons and LED")
         except Exception as exc:  # no GPIO chip on this machine
             self.status.set_component("gpio", False, f"no GPIO: {exc}")
             log.warning("GPIO unavailable; buttons and LEDs are off", error=str(exc))
-
-    def on_talk_button(self, kind: str) -> None:
-        if self.voice is None:
-            return
-        if kind == "short":
-            if self.voice.busy or self.speech.speaking:
-                self.voice.barge_in()
-            else:
-                self.voice.start_turn(trigger="button")
-        elif kind == "long":
-            self.voice.barge_in()
-
-    def on_mute_button(self, kind: str) -> None:
-        if self.voice is not None:
-            self.voice.set_muted(not self.status.muted)
-        else:
-            self.status.muted = not self.status.muted
 
     async def _housekeeping(self) -> None:
         """Expire old sessions now and then (storage.retention_days)."""
@@ -294,9 +280,8 @@ class App:
         if self.voice is not None:  # turns live outside the TaskGroup: stop them first
             self.voice.barge_in()
             await self.voice.wait_idle()
-        commands = self.extensions.get("commands")  # timers and background speech
-        if commands is not None:
-            await commands.aclose()
+        await self.timers.aclose()
+        await self.actions.aclose()  # background speech
         if hasattr(self, "conversation"):
             await self.conversation.aclose()
         arbiter = self.extensions.get("arbiter")
@@ -397,6 +382,6 @@ def _real_sink(s: CompanionSettings) -> AudioSink:
 
 
 def _local_commands(app: App) -> IntentHandler:
-    from companion.commands import make_intent_handler
+    from companion.actions.voice import make_intent_handler
 
     return make_intent_handler(app)

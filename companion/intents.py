@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 VOICE_CONFIDENCE = 0.75  # the pipeline runs a command locally at or above this
-APPROVAL_BELOW = 0.7
+APPROVAL_BELOW = 0.7  # below this a person should approve a command (voice and HTTP alike)
 
 UNITS = {"zero": 0, "oh": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6,
          "seven": 7, "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12,
@@ -43,6 +43,11 @@ class Intent:
     @property
     def parsed(self) -> bool:
         return self.command is not None
+
+    @property
+    def needs_approval(self) -> bool:
+        """Flagged by its rule, or not confident enough to run unasked."""
+        return self.requires_approval or self.confidence < APPROVAL_BELOW
 
 
 NO_INTENT = Intent(None)
@@ -159,6 +164,9 @@ PERSONA = re.compile(r"^(switch|change|swap|go)( over)? to (?P<who>.+)$|"
                      r"^(let me|i want to|can i|i would like to) (talk|speak) (to|with) (?P<who2>.+)$|"
                      r"^(talk|speak) (to|with|as) (?P<who3>.+)$|"
                      r"^(become|be) (?P<who4>the .+)$")
+YES = re.compile(r"^(yes|yeah|yep|yup|sure|ok|okay|please do|do it|go ahead|yes do it|"
+                 r"correct|thats right|right)$")
+NO = re.compile(r"^(no|nope|no thanks|dont|do not|dont do it|never ?mind|cancel|stop)$")
 SAY = re.compile(r"^(say|repeat after me|repeat) (?P<text>.+)$")
 
 
@@ -217,6 +225,14 @@ def parse(text: str, personas: PersonaFinder | None = None) -> Intent:
         spoken = re.sub(r"^(say|repeat after me|repeat) ", "", text.strip(), flags=re.I)
         return Intent("say", {"text": spoken or m.group("text")}, 0.6, requires_approval=True)
     return NO_INTENT
+
+
+def is_yes(text: str) -> bool:
+    return bool(YES.match(normalize(text)))
+
+
+def is_no(text: str) -> bool:
+    return bool(NO.match(normalize(text)))
 
 
 def _timer_label(t: str) -> str | None:

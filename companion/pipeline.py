@@ -47,6 +47,7 @@ class LocalAction:
 
     speak: str = ""
     name: str = ""
+    expect_reply: bool = False  # a question ("Do you want me to …?"): open the follow-up window
 
 
 IntentHandler = Callable[[str, str], Awaitable[LocalAction | None]]
@@ -326,7 +327,7 @@ class VoiceLoop:
                 self.bus.emit(EventType.COMMAND, turn_id, command=action.name, text=text)
                 if action.speak:
                     await self._speak_text(action.speak, turn_id, timings)
-                return False
+                return action.expect_reply and self._follow_up_window_s(persona) > 0
         self.status.set_state(PipelineState.THINKING, turn_id)
         await self._answer(turn_id, text, timings)
         return self._follow_up_window_s(persona) > 0

@@ -49,3 +49,13 @@ async def until(predicate, limit_s: float = 5.0):
         while not (result := predicate()):  # noqa: ASYNC110  polling state owned elsewhere
             await asyncio.sleep(0.01)
     return result
+
+
+@pytest.fixture
+async def started_app(settings):
+    """A started fake-backed App, closed after the test."""
+    app = fake_app(settings)
+    async with asyncio.timeout(5):
+        await app.start()
+    yield app
+    await app.aclose()

@@ -1,13 +1,13 @@
-"""Commands acting on the daemon (fakes), and the voice pipeline's local-command hook."""
+"""Actions on the daemon (fakes), and the voice pipeline's local-command hook."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
-from pydantic import ValidationError
 
-from companion.commands import CommandError, commands_for, make_intent_handler
+from companion.actions import ActionError, Context
+from companion.actions.voice import make_intent_handler
 from companion.events import EventType
 from companion.settings import PROJECT_ROOT
 from tests.conftest import fake_app, make_settings
@@ -16,13 +16,22 @@ from tests.http_helpers import wait_for
 
 
 @pytest.fixture
-async def app(settings):
-    app = fake_app(settings)
-    async with asyncio.timeout(5):
-        await app.start()
-    yield app
-    await commands_for(app).aclose()
-    await app.aclose()
+def app(started_app):
+    return started_app
+
+
+class Runner:
+    """``await run("timer", {...})`` as the HTTP API would."""
+
+    def __init__(self, app, source="api"):
+        self.app, self.source = app, source
+
+    async def execute(self, name, args=None):
+        return await self.app.actions.run(name, args, context=Context(self.source))
+
+
+def commands_for(app):
+    return Runner(app)
 
 
 def collect(app, *types):
@@ -36,14 +45,14 @@ async def test_timer_rings_speaks_and_emits(app):
     commands = commands_for(app)
     async with asyncio.timeout(5):
         out = await commands.execute("timer", {"seconds": 0.05, "label": "tea"})
-        assert out.status == "completed" and out.result["label"] == "tea"
+        assert out.result["label"] == "tea"
         assert out.speak.startswith("Timer set for")
-        await commands.timers[out.result["id"]].task
+        await app.timers.by_id[out.result["id"]].task
     assert [e.type for e in events] == [EventType.TIMER_SET, EventType.TIMER_RANG]
     assert events[1].data["label"] == "tea"
     assert ("The tea timer is done.", app.conversation.active_persona.voice_config.params()) \
         in app.tts.spoken
-    assert app.sink.played and not commands.timers
+    assert app.sink.played and not app.timers.by_id
 
 
 async def test_timer_list_and_cancel(app):
@@ -56,15 +65,15 @@ async def test_timer_list_and_cancel(app):
         assert "eggs timer has 30 seconds left" in listed.speak
         out = await commands.execute("timer", {"action": "cancel", "id": a.result["id"]})
         assert out.result["cancelled"] == [a.result["id"]]
-        with pytest.raises(CommandError) as err:
+        with pytest.raises(ActionError) as err:
             await commands.execute("timer", {"action": "cancel", "id": "tmr_nope"})
-        assert err.value.status == 404
+        assert err.value.status == 404 and err.value.code == "NOT_FOUND"
         await commands.execute("timer", {"action": "cancel"})
-    assert commands.timers == {}
-    with pytest.raises(ValidationError):
-        await commands.execute("timer", {})
-    with pytest.raises(ValidationError):
-        await commands.execute("timer", {"seconds": 90000})
+    assert app.timers.by_id == {}
+    for bad in ({}, {"seconds": 90000}):
+        with pytest.raises(ActionError) as err:
+            await commands.execute("timer", bad)
+        assert err.value.code == "VALIDATION_ERROR" and err.value.status == 422
 
 
 async def test_volume_mute_and_events(app):
@@ -112,7 +121,7 @@ async def test_stop_cuts_speech_in_progress(settings):
         await wait_for(lambda: app.speech.speaking)
         out = await commands.execute("stop")
         assert out.result["stopped"] is True
-        await asyncio.gather(*commands._background, return_exceptions=True)
+        await asyncio.gather(*app.actions._background, return_exceptions=True)
     assert not app.speech.speaking
     await app.aclose()
 
@@ -125,13 +134,13 @@ async def test_persona_by_id_or_spoken_name(app):
         assert out.speak == "Hello, this is Nora."
         out = await commands.execute("persona", {})
         assert out.result["persona_id"] == "medication_nurse"
-        with pytest.raises(CommandError) as err:
+        with pytest.raises(ActionError) as err:
             await commands.execute("persona", {"id": "pirate"})
         assert err.value.status == 404
 
 
 async def test_unknown_command_lists_known(app):
-    with pytest.raises(CommandError) as err:
+    with pytest.raises(ActionError) as err:
         await commands_for(app).execute("fly")
     assert err.value.status == 404 and "timer" in err.value.details["known_commands"]
 
@@ -146,9 +155,9 @@ async def test_persona_can_forbid_commands(tmp_path):
     async with asyncio.timeout(5):
         await app.start()
         commands = commands_for(app)
-        assert (await commands.execute("time")).status == "completed"
-        assert (await commands.execute("help")).status == "completed"  # always allowed
-        with pytest.raises(CommandError) as err:
+        assert (await commands.execute("time")).result["time"]
+        assert (await commands.execute("help")).result["commands"]  # always allowed
+        with pytest.raises(ActionError) as err:
             await commands.execute("say", {"text": "hi"})
         assert err.value.status == 403 and err.value.details["allowed_commands"] == ["time"]
         handler = make_intent_handler(app)
@@ -165,7 +174,7 @@ async def test_listen_starts_a_turn_like_the_button(settings):
         await app.start()
         pump = asyncio.create_task(app.voice.run())
         out = await commands_for(app).execute("listen")
-        assert out.status == "completed"
+        assert out.result["turn_id"]
         await app.voice.wait_idle()
         pump.cancel()
         await asyncio.gather(pump, return_exceptions=True)
@@ -200,11 +209,10 @@ async def test_voice_turn_runs_local_commands_without_the_llm(settings, said, ch
     spoken = " ".join(t for t, _ in app.tts.spoken)
     if check == "timer":
         assert "Timer set for 5 minutes." in spoken
-        assert len(commands_for(app).timers) == 1
+        assert len(app.timers) == 1
     elif check == "persona":
         assert app.conversation.active_persona_id == "medication_nurse"
         assert "Hello, this is Nora." in spoken
     else:
         assert app.status.volume == pytest.approx(0.7)
-    await commands_for(app).aclose()
     await app.aclose()

@@ -11,8 +11,8 @@ import time
 import pytest
 from aiohttp import web
 
+from companion.actions.clips import clip_to_wav_b64
 from companion.control.client import Backoff
-from companion.control.handlers import clip_to_wav_b64
 from companion.control.protocol import ProtocolError, parse_server_frame, server_frame
 from companion.devices.gpio import LedIndicator, make_gpio
 from companion.events import EventType

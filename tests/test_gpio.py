@@ -122,3 +122,39 @@ async def test_the_talk_button_listens_on_release_without_waiting_for_a_double_p
     await until(lambda: any(e.type is EventType.TURN_START for e in events))
     assert loop.time() - released < app.settings.gpio.double_press_s / 2
     await app.aclose()
+
+
+async def test_volume_buttons_step_the_volume_through_the_volume_action(tmp_path):
+    settings = make_settings(tmp_path, gpio={"enabled": True, "pin_factory": "mock",
+                                             "volume_up_pin": 23, "volume_down_pin": 24,
+                                             "long_press_s": 0.3})
+    app = fake_app(settings, features=GPIO_FEATURES)
+    changes = []
+    app.bus.add_callback(lambda e: changes.append(e.data["volume"])
+                         if e.type is EventType.VOLUME_CHANGED else None)
+    await app.start()
+    app._start_gpio()
+    up, down = (b.pin for b in app.extensions["buttons"]._buttons if b.pin.number in (23, 24))
+    await press(up)
+    await until(lambda: changes == [0.9])
+    await press(down)
+    await press(down)
+    await until(lambda: len(changes) == 3)
+    assert changes == [0.9, 0.8, 0.7] and app.sink.volume == pytest.approx(0.7)
+    await app.aclose()
+
+
+async def test_the_mute_button_without_a_microphone_still_reports_the_change(tmp_path):
+    settings = make_settings(tmp_path, gpio={"enabled": True, "pin_factory": "mock",
+                                             "double_press_s": 0.05})
+    app = fake_app(settings, features=GPIO_FEATURES)  # no source: no voice loop
+    muted = []
+    app.bus.add_callback(lambda e: muted.append(e.data["muted"])
+                         if e.type is EventType.MUTE_CHANGED else None)
+    await app.start()
+    app._start_gpio()
+    assert app.voice is None
+    await press(app.extensions["buttons"]._buttons[1].pin)
+    await until(lambda: muted == [True])
+    assert app.status.muted
+    await app.aclose()

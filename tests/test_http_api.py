@@ -380,7 +380,7 @@ async def test_command_parse_does_not_run_it(api):
                                         json={"input": "what is the capital of France"})).json()
         assert body["parsed"] is False and body["command"] is None
         assert body["requires_approval"] is True  # nothing confident to run
-    assert "commands" not in app.extensions or not app.extensions["commands"].timers
+    assert not app.timers.by_id
 
 
 # --- system, personas, state, sessions -------------------------------------------------------------

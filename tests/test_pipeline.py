@@ -2,6 +2,7 @@
 
 import asyncio
 
+from companion.actions import buttons
 from companion.events import Event, EventType, PipelineState
 from companion.pipeline import LocalAction
 from companion.stages.llm import Priority
@@ -124,7 +125,7 @@ async def test_button_starts_a_turn_without_the_wake_word(tmp_path):
     app = fake_app(settings, source=mic)
     events = collect(app)
     await app.start()
-    app.on_talk_button("short")
+    buttons.talk(app, "short")
     await run_mic(app)
     start = next(e for e in events if e.type is EventType.TURN_START)
     assert start.data["trigger"] == "button"
@@ -343,7 +344,7 @@ async def test_barge_in_stops_the_llm_not_just_the_speaker(tmp_path):
     await app.start()
     pump = asyncio.create_task(app.voice.run())
     await until_seen(events, EventType.PLAYBACK_START)
-    app.on_talk_button("short")  # barge-in
+    buttons.talk(app, "short")  # barge-in
     async with asyncio.timeout(1):
         while llm.cancelled == 0:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
@@ -357,7 +358,7 @@ async def test_the_talk_button_does_nothing_while_muted(tmp_path):
     events = collect(app)
     await app.start()
     app.voice.set_muted(True)
-    app.on_talk_button("short")
+    buttons.talk(app, "short")
     await run_mic(app)
     assert EventType.TURN_START not in types(events)
     assert app.status.pipeline_state is PipelineState.MUTED

@@ -31,10 +31,11 @@ from aiohttp_sse import sse_response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
+from companion.actions import ALL_ACTIONS, ActionError, Context, iso
+from companion.actions.core import REPORTED_AS_FAILED
 from companion.api import schemas as s
-from companion.api.openapi import Route, build_openapi
-from companion.commands import CommandError, commands_for, iso
-from companion.conversation import PersonaNotFoundError, Reply, SessionNotFoundError
+from companion.api.openapi import Route, add_commands, build_openapi
+from companion.conversation import Reply, SessionNotFoundError
 from companion.events import PipelineState
 from companion.intents import parse as parse_intent
 from companion.metrics import STAGES, Metrics, metrics_for
@@ -469,7 +470,7 @@ class SpeakAlong:
     def feed(self, delta: str, persona_id: str) -> None:
         if self.task is None:
             persona = self.app.personas.get(persona_id) or self.app.conversation.active_persona
-            self.task = commands_for(self.app).spawn(
+            self.task = self.app.actions.spawn(
                 self.app.speech.speak(self._sentences(), persona.voice_config.params()),
                 "chat-speech")
         for sentence in self.splitter.feed(delta):
@@ -612,20 +613,22 @@ async def chat_stream(request: web.Request, body: s.ChatRequest) -> web.StreamRe
 @route("POST", "/v1/commands", summary="Run a device command", tag="commands",
        body=s.CommandRequest, response=s.CommandResponse, errors=(403, 404))
 async def run_command(request: web.Request, body: s.CommandRequest) -> s.CommandResponse:
-    """help, status, say, stop, listen, mute, unmute, volume, persona, timer, time. An unknown
-    command is a 404 whose details list the known ones; a persona may forbid some (403)."""
+    """An unknown command is a 404 whose details list the known ones; a persona may forbid
+    some (403); one the device could not do (no microphone, no speaker) is ``failed``."""
     app = _app(request)
     try:
         async with asyncio.timeout(330):
-            outcome = await commands_for(app).execute(body.command, body.args, source="api")
-    except CommandError as exc:
-        raise ApiError(exc.status, exc.code, exc.message, exc.details) from exc
-    except ValidationError as exc:
-        raise validation_error(exc, prefix="args.") from exc
-    except PersonaNotFoundError as exc:
-        raise ApiError(404, "NOT_FOUND", str(exc)) from exc
-    return s.CommandResponse(command=outcome.command, status=outcome.status,
-                             result=outcome.result, executed_at=outcome.executed_at)
+            outcome = await app.actions.run(body.command, body.args, context=Context("api"))
+    except ActionError as exc:
+        if exc.code not in REPORTED_AS_FAILED:
+            raise ApiError(exc.status, exc.code, exc.message, exc.details) from exc
+        return s.CommandResponse(command=body.command, status="failed",
+                                 result={"error": exc.message, "code": exc.code, **exc.details},
+                                 executed_at=iso(time.time()))
+    if outcome.after is not None:
+        app.actions.spawn(outcome.after(), f"{body.command}-after")
+    return s.CommandResponse(command=body.command, status="completed", result=outcome.result,
+                             executed_at=outcome.executed_at)
 
 
 @route("POST", "/v1/commands/parse", summary="Plain language to a command, without running it",
@@ -637,7 +640,7 @@ async def parse_command(request: web.Request, body: s.ParseRequest) -> s.ParseRe
                if intent.command is not None else None)
     return s.ParseResponse(input=body.input, parsed=intent.parsed, command=command,
                            confidence=intent.confidence,
-                           requires_approval=intent.requires_approval or intent.confidence < 0.7)
+                           requires_approval=intent.needs_approval)
 
 
 # --- system ----------------------------------------------------------------------------------------------
@@ -674,7 +677,7 @@ async def system_status(request: web.Request) -> s.SystemStatusResponse:
             inference_failures=counts["inference"]["failures"],
             turns_today=await _turns_today(app),
             voice_turns=int(metrics.total("companion_voice_turns_total", outcome="completed")),
-            active_timers=len(commands_for(app).timers), events_dropped=app.bus.dropped))
+            active_timers=len(app.timers), events_dropped=app.bus.dropped))
 
 
 def _model_infos(app: App) -> list[s.ModelInfo]:
@@ -752,17 +755,20 @@ async def switch_persona(request: web.Request, body: s.SwitchRequest) -> s.Switc
     app = _app(request)
     try:
         async with asyncio.timeout(60):
-            result = await app.conversation.switch_persona(
-                body.target_persona_id, preserve_context=body.preserve_context)
-    except PersonaNotFoundError as exc:
-        raise ApiError(404, "NOT_FOUND", str(exc), {"available": app.personas.ids()}) from exc
-    if body.transition_message and app.sink is not None:
-        commands = commands_for(app)
-        commands.spawn(commands.say(body.transition_message), "transition-message")
-    return s.SwitchResponse(success=True, previous_persona_id=result.previous_persona_id,
-                            new_persona_id=result.new_persona_id,
-                            switch_latency_ms=round(result.switch_latency_ms, 1),
-                            session_id=result.session_id)
+            outcome = await app.actions.run(
+                "persona", {"id": body.target_persona_id,
+                            "preserve_context": body.preserve_context,
+                            "transition_message": body.transition_message},
+                context=Context("api", trusted_caller=True))
+    except ActionError as exc:
+        raise ApiError(exc.status, exc.code, exc.message, exc.details) from exc
+    if outcome.after is not None and app.sink is not None:
+        app.actions.spawn(outcome.after(), "transition-message")
+    r = outcome.result
+    return s.SwitchResponse(success=True, previous_persona_id=r["previous_persona_id"],
+                            new_persona_id=r["new_persona_id"],
+                            switch_latency_ms=round(r["switch_latency_ms"], 1),
+                            session_id=r["session_id"])
 
 
 @route("POST", "/v1/personas/reload", summary="Re-read the persona files", tag="personas",
@@ -867,9 +873,11 @@ async def openapi_json(request: web.Request) -> web.Response:
 def openapi_document() -> dict[str, Any]:
     from companion.app import VERSION
 
-    return build_openapi(ROUTES, title="companion local API", version=VERSION,
-                         description="The device's local HTTP API (SPEC §3). Errors: "
-                                     "{\"error\": {code, message, details, request_id}}.")
+    doc = build_openapi(ROUTES, title="companion local API", version=VERSION,
+                        description="The device's local HTTP API (SPEC §3). Errors: "
+                                    "{\"error\": {code, message, details, request_id}}.")
+    return add_commands(doc, sorted((a for a in ALL_ACTIONS if "api" in a.channels),
+                                    key=lambda a: a.name))
 
 
 # --- the application -------------------------------------------------------------------------------------
@@ -897,9 +905,8 @@ def make_http_app(app: App) -> web.Application:
 
 
 async def _cleanup(web_app: web.Application) -> None:
-    commands = web_app[APP].extensions.get("commands")
-    if commands is not None:
-        await commands.aclose()
+    await web_app[APP].timers.aclose()
+    await web_app[APP].actions.aclose()
 
 
 async def serve_http(app: App) -> None:

@@ -137,6 +137,21 @@ def build_openapi(routes: Sequence[Route], *, title: str, version: str,
     }
 
 
+def add_commands(doc: dict[str, Any], actions: Sequence[Any]) -> dict[str, Any]:
+    """List the commands of ``POST /v1/commands`` (from the action registry) in the document:
+    ``command`` becomes an enum and ``args`` one of the actions' request schemas."""
+    _, defs = models_json_schema([(a.request, "validation") for a in actions], ref_template=REF)
+    schemas = doc["components"]["schemas"]
+    schemas.update(defs.get("$defs", {}))
+    props = schemas["CommandRequest"]["properties"]
+    props["command"]["enum"] = [a.name for a in actions]
+    props["command"]["description"] = "; ".join(f"{a.name}: {a.description}" for a in actions)
+    props["args"] = {"description": "The command's arguments (an empty object for none).",
+                     "anyOf": _unique({"$ref": REF.format(model=a.request.__name__)}
+                                      for a in actions)}
+    return doc
+
+
 def _sse_event_schema(route: Route, ref) -> dict[str, Any]:
     """One Server-Sent Event: its name and its ``data`` (a JSON text of the named model)."""
     variants = [{

@@ -30,7 +30,8 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
 
-from companion.control.handlers import CONCURRENT_TYPES, CommandFailed, CommandHandlers, Outcome
+from companion.actions.core import ActionError, Outcome
+from companion.control.handlers import CONCURRENT_TYPES, CommandHandlers
 from companion.control.outbox import Outbox
 from companion.control.protocol import (
     ACK,
@@ -408,19 +409,21 @@ class ControlLink:
     async def _execute(self, command: Command, received_at: float) -> None:
         log.info("command", command_id=command.id, type=command.type, priority=command.priority)
         self.executed.append(command.id)
-        outcome = Outcome()
+        outcome = Outcome(command.type)
         ack: dict[str, Any] = {"command_id": command.id, "command_type": command.type, "ok": True}
         try:
             outcome = await _child(self.handlers.handle(command))
             ack.update(outcome.result)
         except _Interrupted:
-            ack.update(ok=False, error="interrupted: stopped by barge-in or a more urgent message")
-        except CommandFailed as exc:
-            ack.update(getattr(exc, "result", {}))
-            ack.update(ok=False, error=str(exc))
-            log.warning("command failed", command_id=command.id, type=command.type, error=str(exc))
-        except Exception as exc:
-            ack.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+            ack.update(ok=False, error_code="INTERRUPTED",
+                       error="interrupted: stopped by barge-in or a more urgent message")
+        except ActionError as exc:
+            ack.update(exc.details)
+            ack.update(ok=False, error=exc.message, error_code=exc.code)
+            log.warning("command failed", command_id=command.id, type=command.type,
+                        code=exc.code, error=exc.message)
+        except Exception:
+            ack.update(ok=False, error="internal error", error_code="INTERNAL")
             log.exception("command crashed", command_id=command.id, type=command.type)
         ack["latency_ms"] = round((time.monotonic() - received_at) * 1000, 2)
         async with self._claims:

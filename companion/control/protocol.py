@@ -16,12 +16,14 @@ the WebSocket handshake response that says the server sends ``received`` frames.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from companion.actions.device import LedRequest
+from companion.actions.handoff import HandoffInRequest, HandoffOutRequest
 
 RECEIPTS_HEADER = "X-Companion-Receipts"
 PROTOCOL_VERSION = 1
@@ -46,9 +48,6 @@ ESSENTIAL_TYPES = frozenset({ACK, SESSION_EXPORT})
 RECEIVED = "received"  # server → device delivery receipt (extension, see the module docstring)
 WAKE_ARBITRATION = "wake_arbitration"  # SPEC §9: a result, not a command (no ack, no outbox)
 
-HEX_COLOR = re.compile(r"^#?[0-9A-Fa-f]{6}$")
-NAMED_COLORS = {"red": "#FF0000", "green": "#00FF00", "blue": "#0000FF", "white": "#FFFFFF",
-                "yellow": "#FFFF00", "orange": "#FF8000", "purple": "#8000FF", "off": "#000000"}
 
 
 class ProtocolError(ValueError):
@@ -102,42 +101,18 @@ class Announce(_Payload):
         return self.text or (str(inner) if inner else None)
 
 
-class LedControl(_Payload):
-    pattern: Literal["solid", "blink", "pulse", "off"] = "solid"
-    color: str = "#FFFFFF"
-    duration_ms: int = Field(3000, ge=1, le=3_600_000)
+class LedControl(LedRequest):
+    """The ``led`` action's request, with the wire's rules (unknown keys ignored, frozen)."""
 
-    @field_validator("color")
-    @classmethod
-    def _color(cls, value: str) -> str:
-        value = NAMED_COLORS.get(value.lower(), value)
-        if not HEX_COLOR.match(value):
-            raise ValueError("must be #RRGGBB or a colour name " + ", ".join(NAMED_COLORS))
-        return "#" + value.lstrip("#").upper()
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
 
-class SessionHandoffOut(_Payload):
-    session_id: str | None = Field(None, description="default: the active session")
-    to_device_id: str | None = None
-    notify_user: bool = True
-    goodbye_message: str | None = Field(None, max_length=2000)
+class SessionHandoffOut(HandoffOutRequest):
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
 
-class SessionHandoffIn(_Payload):
-    session: dict[str, Any] = Field(description="a session export (store.export_session)")
-    from_device_id: str | None = None
-    notify_user: bool = True
-    greeting: str | None = Field(None, max_length=2000)
-
-    @field_validator("session")
-    @classmethod
-    def _export(cls, value: dict[str, Any]) -> dict[str, Any]:
-        missing = [k for k in ("version", "session_id", "persona_id", "turns") if k not in value]
-        if missing:
-            raise ValueError(f"session export lacks {', '.join(missing)}")
-        if not isinstance(value["turns"], list):
-            raise ValueError("session.turns must be a list")
-        return value
+class SessionHandoffIn(HandoffInRequest):
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
 
 class GroupActivity(_Payload):

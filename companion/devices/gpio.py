@@ -35,9 +35,9 @@ def hex_to_rgb(color: str) -> tuple[float, float, float]:
     return tuple(int(color[i : i + 2], 16) / 255 for i in (0, 2, 4))  # type: ignore[return-value]
 
 
-# The talk button has no double-press action; waiting out the double-press window would delay
-# listening by gpio.double_press_s (0.4 s) and lose the user's first words.
-IMMEDIATE_BUTTONS = frozenset({"talk"})
+# Buttons with no double-press action act at release: waiting out the double-press window would
+# delay listening by gpio.double_press_s (0.4 s) and lose the user's first words.
+IMMEDIATE_BUTTONS = frozenset({"talk", "volume_up", "volume_down"})
 
 
 @dataclass
