@@ -41,6 +41,7 @@ log = structlog.get_logger(__name__)
 
 VERSION = "0.1.0"
 GIL_SWITCH_INTERVAL_S = 0.0005
+HOUSEKEEPING_EVERY_S = 3600.0
 
 
 @dataclass
@@ -84,6 +85,7 @@ class App:
         self.compute_gate = ComputeGate()  # speech the user waits for goes before LLM tokens
         self.store = parts.store or Store(settings.db_path)
         self.ready = asyncio.Event()
+        self._housekeeping_due = asyncio.Event()
         self.load_error: str | None = None
         # built by start()
         self.personas: PersonaLibrary
@@ -212,7 +214,7 @@ class App:
 
                 group.create_task(run_control_link(self), name="control-link")
             group.create_task(systemd.supervise(self), name="systemd")
-            group.create_task(self._housekeeping(), name="housekeeping")
+            group.create_task(self.housekeeping(), name="housekeeping")
 
     async def start_arbitration(self) -> None:
         """Several devices, one wake word: the control link (when it runs) and, in peer mode,
@@ -257,16 +259,28 @@ class App:
             self.status.set_component("gpio", False, f"no GPIO: {exc}")
             log.warning("GPIO unavailable; buttons and LEDs are off", error=str(exc))
 
-    async def _housekeeping(self) -> None:
-        """Expire old sessions now and then (storage.retention_days)."""
-        days = self.settings.storage.retention_days
+    async def housekeeping(self) -> None:
+        """Expire old sessions every hour, and at once when the retention setting changes
+        (``housekeeping_now``): storage.retention_days is read at each pass."""
         while True:
-            if days:
-                keep = {self.conversation.active_session_id} - {None}
-                removed = await self.store.run(self.store.expire_sessions, days * 86400.0, keep=keep)
-                if removed:
-                    log.info("expired sessions", count=removed)
-            await asyncio.sleep(3600)
+            await self.expire_sessions()
+            self._housekeeping_due.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HOUSEKEEPING_EVERY_S):
+                    await self._housekeeping_due.wait()
+
+    def housekeeping_now(self) -> None:
+        self._housekeeping_due.set()
+
+    async def expire_sessions(self) -> int:
+        days = self.settings.storage.retention_days
+        if not days:
+            return 0
+        keep = {self.conversation.active_session_id} - {None}
+        removed = await self.store.run(self.store.expire_sessions, days * 86400.0, keep=keep)
+        if removed:
+            log.info("expired sessions", count=removed, retention_days=days)
+        return removed
 
     def reload_personas(self) -> list[str]:
         """Re-read the persona library (SIGHUP, POST /v1/personas/reload): a bad file is

@@ -172,6 +172,11 @@ class ControlPlaneSettings(_Section):
     outbox_max: int = Field(5000, ge=10, description="Messages kept while the link is down.")
     max_frame_bytes: int = Field(1_048_576, ge=1024, description="Largest frame accepted.")
     send_audio: bool = Field(False, description="Send captured utterances up as audio_stream.")
+    audio_url_hosts: list[str] = Field(
+        default_factory=list, description="Hosts an audio_url may name although they are on "
+        "this machine or the local network (loopback, link-local, private addresses are refused "
+        "otherwise), e.g. [\"media.local\"].",
+    )
 
     @property
     def enabled(self) -> bool:

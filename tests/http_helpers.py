@@ -4,9 +4,12 @@ client, and a Server-Sent Events parser."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
+
+from aiohttp import web
 
 from companion.api.http import make_http_app
 from tests.conftest import fake_app, make_settings
@@ -60,3 +63,31 @@ async def wait_for(predicate, within_s: float = 2.0) -> None:
     async with asyncio.timeout(within_s):
         while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def file_server(files: dict[str, bytes], *, chunk: int = 16384) -> AsyncIterator[str]:
+    """A real HTTP server on 127.0.0.1 serving ``files`` (path → body) in ``chunk``-byte pieces
+    without a Content-Length; yields its base URL."""
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        if request.path not in files:
+            raise web.HTTPNotFound()
+        body = files[request.path]
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for i in range(0, len(body), chunk):
+            await response.write(body[i:i + chunk])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/{name}", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

@@ -114,3 +114,47 @@ def test_the_openapi_document_lists_the_commands_from_the_registry():
     command = doc["components"]["schemas"]["CommandRequest"]["properties"]["command"]
     assert command["enum"] == sorted(a.name for a in ALL_ACTIONS if "api" in a.channels)
     assert "TimerRequest" in doc["components"]["schemas"]
+
+
+async def test_status_says_what_is_not_working(app):
+    async with asyncio.timeout(5):
+        fine = await app.actions.run("status", context=Context("voice"))
+        assert fine.speak == "Everything is working." and fine.result["problems"] == []
+        app.status.set_component("audio_in", False, "no input audio device found")
+        app.status.muted = True
+        bad = await app.actions.run("status", context=Context("voice"))
+    assert bad.result["components"]["audio_in"] is False
+    assert bad.speak == "I'm muted. My audio in is not working."
+
+
+async def test_status_reports_a_control_link_that_is_down(app):
+    from companion.control.client import ControlLink
+
+    app.settings = app.settings.model_copy(update={"control_plane": app.settings.control_plane
+                                                   .model_copy(update={"url": "ws://cp"})})
+    ControlLink(app)  # configured but never connected
+    async with asyncio.timeout(5):
+        out = await app.actions.run("status", context=Context("api"))
+    assert "I am not connected to the control plane" in out.result["problems"]
+
+
+async def test_a_retention_change_from_the_control_plane_expires_sessions_at_once(tmp_path):
+    from tests.control_helpers import control_plane, linked_device, url
+
+    async with control_plane() as plane, linked_device(
+            tmp_path, url(plane), settings_extra={"storage": {"retention_days": 0}}) as (app, _):
+        store = app.store
+        old = await store.run(store.create_session, "companion")
+        await store.run(store.query, "UPDATE sessions SET updated_at = 0 WHERE id = ?", (old.id,))
+        housekeeping = asyncio.create_task(app.housekeeping())
+        try:
+            await plane.wait_connected("dev-a")
+            ack = await plane.wait_ack(await plane.send("dev-a", "config_update", {
+                "settings": {"storage.retention_days": 1}}))
+            assert ack["ok"] and ack["applied"] == {"storage.retention_days": 1}
+            async with asyncio.timeout(5):
+                while await store.run(store.get_session, old.id) is not None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)  # the housekeeping task owns it
+        finally:
+            housekeeping.cancel()
+            await asyncio.gather(housekeeping, return_exceptions=True)

@@ -216,3 +216,29 @@ async def test_voice_turn_runs_local_commands_without_the_llm(settings, said, ch
     else:
         assert app.status.volume == pytest.approx(0.7)
     await app.aclose()
+
+
+class ScriptedTranscriber(FakeTranscriber):
+    """Hears each utterance in turn from a script."""
+
+    def __init__(self, *texts: str) -> None:
+        super().__init__(texts[0])
+        self.script = list(texts)
+
+    async def transcribe(self, pcm, *, language=None):
+        self.text = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        return await super().transcribe(pcm, language=language)
+
+
+async def test_a_voice_mute_asks_first_and_mutes_after_yes_in_the_follow_up(settings):
+    mic = FakeMic([BLOCK] * 5 + [wake_block()] + [speech_block()] * 20 + [BLOCK] * 40
+                  + [speech_block()] * 20 + [BLOCK] * 60, delay_s=0.002)
+    app = fake_app(settings, source=mic, stt=ScriptedTranscriber("Mute yourself.", "Yes."))
+    async with asyncio.timeout(10):
+        await app.start()
+        await app.voice.run()
+        await app.voice.wait_idle()
+    spoken = [t for t, _ in app.tts.spoken]
+    assert spoken[:2] == ["Do you want me to turn off the microphone?", "Microphone off."]
+    assert app.status.muted and app.llm.prompts == []
+    await app.aclose()

@@ -9,7 +9,6 @@ import json
 import time
 
 import pytest
-from aiohttp import web
 
 from companion.actions.clips import clip_to_wav_b64
 from companion.control.client import Backoff
@@ -21,6 +20,7 @@ from companion.stages.tts import AudioClip
 from tests.conftest import until
 from tests.control_helpers import FAST, control_plane, linked_device, url
 from tests.fakes import BLOCK, FakeMic, FakeSpeaker, FakeTranscriber, speech_block, wake_block
+from tests.http_helpers import file_server
 
 # --- pure parts ----------------------------------------------------------------------------------
 
@@ -151,36 +151,25 @@ async def test_persona_switch_speaks_in_the_new_voice_and_acks_switch_complete(t
 async def test_audio_response_text_wav_and_url(tmp_path):
     clip = AudioClip(b"\x05\x00" * 1600, 16000)
     wav_b64 = clip_to_wav_b64(clip)
-    async def chime(request: web.Request) -> web.Response:
-        return web.Response(body=base64.b64decode(wav_b64))
-
-    files = web.Application()
-    files.router.add_get("/chime.wav", chime)
-    runner = web.AppRunner(files)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        async with control_plane() as plane, linked_device(tmp_path, url(plane)) as (app, _):
-            await plane.wait_connected("dev-a")
-            ack = await plane.wait_ack(await plane.send("dev-a", "audio_response",
-                                                        {"text": "Lunch is ready."}))
-            assert ack["ok"] and ack["spoken_s"] > 0
-            assert ("Lunch is ready.", app.conversation.active_persona.voice_config.params()) \
-                in app.tts.spoken
-            ack = await plane.wait_ack(await plane.send("dev-a", "audio_response",
-                                                        {"audio_b64": wav_b64}))
-            assert ack["ok"] and ack["played_s"] == 0.1
-            assert app.sink.played[-1].pcm == clip.pcm
-            ack = await plane.wait_ack(await plane.send("dev-a", "audio_response", {
-                "audio_url": f"http://127.0.0.1:{port}/chime.wav"}))
-            assert ack["ok"] and app.sink.played[-1].pcm == clip.pcm
-            ack = await plane.wait_ack(await plane.send("dev-a", "audio_response",
-                                                        {"audio_b64": "bm90IGEgd2F2"}))
-            assert not ack["ok"] and "WAV" in ack["error"]
-    finally:
-        await runner.cleanup()
+    async with file_server({"/chime.wav": base64.b64decode(wav_b64)}) as files, \
+            control_plane() as plane, \
+            linked_device(tmp_path, url(plane), cp={"audio_url_hosts": ["127.0.0.1"]}) as (app, _):
+        await plane.wait_connected("dev-a")
+        ack = await plane.wait_ack(await plane.send("dev-a", "audio_response",
+                                                    {"text": "Lunch is ready."}))
+        assert ack["ok"] and ack["spoken_s"] > 0
+        assert ("Lunch is ready.", app.conversation.active_persona.voice_config.params()) \
+            in app.tts.spoken
+        ack = await plane.wait_ack(await plane.send("dev-a", "audio_response",
+                                                    {"audio_b64": wav_b64}))
+        assert ack["ok"] and ack["played_s"] == 0.1
+        assert app.sink.played[-1].pcm == clip.pcm
+        ack = await plane.wait_ack(await plane.send("dev-a", "audio_response", {
+            "audio_url": f"{files}/chime.wav"}))
+        assert ack["ok"] and app.sink.played[-1].pcm == clip.pcm
+        ack = await plane.wait_ack(await plane.send("dev-a", "audio_response",
+                                                    {"audio_b64": "bm90IGEgd2F2"}))
+        assert not ack["ok"] and "WAV" in ack["error"]
 
 
 async def test_announce_waits_but_an_urgent_broadcast_cuts_in(tmp_path):

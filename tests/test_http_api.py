@@ -453,21 +453,20 @@ async def test_state(api):
                                      "retries": None, "outbox_depth": None}
 
 
-async def test_state_reads_the_control_link_defensively(api):
+async def test_state_with_a_control_link_that_never_connected(api):
+    from companion.control.client import ControlLink
+
     client, app = api
-
-    class Link:
-        connected = False
-        retries = 4
-
     app.settings = app.settings.model_copy(update={"control_plane": app.settings.control_plane
                                                    .model_copy(update={"url": "ws://cp"})})
-    app.extensions["control"] = Link()
+    link = ControlLink(app)  # the real link object, not started: it never connected
+    link.status.retries = 4
     async with asyncio.timeout(5):
         body = await (await client.get("/v1/state")).json()
         all_ = await (await client.get("/ready/all")).json()
     assert body["status"] == "offline"
-    assert body["control_plane"]["retries"] == 4 and body["control_plane"]["outbox_depth"] is None
+    assert body["control_plane"] == {"configured": True, "connected": False, "since": None,
+                                     "retries": 4, "outbox_depth": 0}
     assert all_["components"]["control_plane"]["healthy"] is False
     assert all_["status"] == "degraded"
 

@@ -219,7 +219,9 @@ async def announce(app: App, req: AnnounceRequest, ctx: Context) -> Outcome:
     result: dict[str, Any] = {} if req.event_type is None else {"event_type": req.event_type}
     if req.audio_b64 or req.audio_url:
         clip = (clips.decode_wav(req.audio_b64) if req.audio_b64
-                else await clips.fetch_wav(req.audio_url or ""))
+                else await clips.fetch_wav(
+                    req.audio_url or "",
+                    allowed_hosts=app.settings.control_plane.audio_url_hosts))
         await speaking.play_clip(app, clip, ctx.priority)
         result["played_s"] = round(clip.duration_s, 3)
     if req.text:

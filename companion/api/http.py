@@ -315,14 +315,6 @@ async def health(request: web.Request) -> s.HealthResponse:
     return s.HealthResponse()
 
 
-def _inference_latency(request: web.Request) -> float | None:
-    metrics = request.app[METRICS]
-    avg = metrics.as_json()["inference"]["time_avg_ms"]
-    if avg is not None:
-        return avg
-    return _app(request).status.components.get("llm", {}).get("latency_ms")
-
-
 @route("GET", "/ready", summary="Readiness of the inference stack", tag="health",
        response=s.ReadyResponse, errors=(503,))
 async def ready(request: web.Request) -> s.ReadyResponse:
@@ -337,7 +329,13 @@ async def ready(request: web.Request) -> s.ReadyResponse:
     llm = app.status.components.get("llm", {})
     return s.ReadyResponse(inference=s.InferenceHealth(
         healthy=bool(llm.get("healthy")), model=getattr(app.llm, "model_name", None),
-        latency_ms=_inference_latency(request)))
+        latency_ms=_last_inference_ms(request)))
+
+
+def _last_inference_ms(request: web.Request) -> float | None:
+    """The last real inference (HTTP or voice), never the model's load time."""
+    last = request.app[METRICS].last_inference_ms
+    return round(last, 1) if last is not None else None
 
 
 async def _storage_health(app: App) -> s.ComponentHealth:
@@ -528,16 +526,17 @@ async def _generate(request: web.Request, body: s.ChatRequest, reply: Reply,
         raise
     except SessionNotFoundError as exc:
         raise ApiError(404, "NOT_FOUND", str(exc), {"conversation_id": body.conversation_id}) from exc
+    except TimeoutError as exc:  # before OSError: TimeoutError is one
+        metrics.observe_inference("http", time.perf_counter() - started, failed=True)
+        log.warning("chat timed out", timeout_s=app.settings.pipeline.turn_timeout_s)
+        raise ApiError(504, "UPSTREAM_TIMEOUT", "the model did not finish in time",
+                       {"timeout_s": app.settings.pipeline.turn_timeout_s}) from exc
     except (ConnectionError, OSError):
-        raise
+        raise  # the client went away (its socket), not the model
     except Exception as exc:
         metrics.observe_inference("http", time.perf_counter() - started, failed=True)
-        if isinstance(exc, TimeoutError):
-            raise ApiError(502, "UPSTREAM_ERROR", "the model did not finish in time",
-                           {"timeout_s": app.settings.pipeline.turn_timeout_s}) from exc
         log.exception("chat failed")
-        raise ApiError(502, "UPSTREAM_ERROR", "the model failed to answer",
-                       {"type": type(exc).__name__}) from exc
+        raise ApiError(502, "UPSTREAM_ERROR", "the model failed to answer") from exc
     if speaker is not None:
         speaker.finish()
     metrics.observe_inference("http", time.perf_counter() - started,
@@ -546,7 +545,7 @@ async def _generate(request: web.Request, body: s.ChatRequest, reply: Reply,
 
 
 @route("POST", "/v1/chat", summary="One chat turn", tag="chat", body=s.ChatRequest,
-       response=s.ChatResponse, errors=(404, 502))
+       response=s.ChatResponse, errors=(404, 502, 504))
 async def chat(request: web.Request, body: s.ChatRequest) -> s.ChatResponse:
     """The same LLM, persona and conversation store as voice turns: without conversation_id
     the device's active conversation continues (voice can pick it up), with one that
@@ -792,7 +791,7 @@ async def state(request: web.Request) -> s.StateResponse:
     link = app.extensions.get("control")
     configured = app.settings.control_plane.enabled
     connected = bool(getattr(link, "connected", False)) if link is not None else None
-    since = getattr(link, "since", None)
+    since = getattr(link, "connected_since", None)
     busy = st.pipeline_state in (PipelineState.LISTENING, PipelineState.THINKING,
                                  PipelineState.SPEAKING) or app.speech.speaking
     status = "busy" if busy else ("offline" if configured and not connected else "online")

@@ -31,7 +31,7 @@ class FieldError(_Response):
 class ErrorBody(_Response):
     code: str = Field(description="BAD_REQUEST, UNAUTHORIZED, FORBIDDEN, NOT_FOUND, "
                       "METHOD_NOT_ALLOWED, PAYLOAD_TOO_LARGE, VALIDATION_ERROR, RATE_LIMITED, "
-                      "INTERNAL_ERROR, UPSTREAM_ERROR, SERVICE_UNAVAILABLE")
+                      "INTERNAL_ERROR, UPSTREAM_ERROR, UPSTREAM_TIMEOUT, SERVICE_UNAVAILABLE")
     message: str
     details: dict[str, Any] = Field(default_factory=dict)
     request_id: str
@@ -51,8 +51,8 @@ class HealthResponse(_Response):
 class InferenceHealth(_Response):
     healthy: bool
     model: str | None
-    latency_ms: float | None = Field(description="Mean LLM time of recent requests (load time "
-                                     "before the first one).")
+    latency_ms: float | None = Field(description="Time of the last inference (HTTP or voice) in "
+                                     "ms; null until there has been one.")
 
 
 class ReadyResponse(_Response):

@@ -265,6 +265,8 @@ class CommandHandlers:
             set_volume(app, settings.audio.output_volume)
         if "tts.sentence_silence_s" in applied:
             app.speech.sentence_silence_s = settings.tts.sentence_silence_s
+        if "storage.retention_days" in applied:
+            app.housekeeping_now()  # expire by the new rule now, not at the next hourly pass
         if "control_plane.outbox_max" in applied:
             self.link.outbox.max_items = settings.control_plane.outbox_max
         if "log_level" in applied:
