@@ -13,8 +13,8 @@ import contextlib
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -24,6 +24,7 @@ from companion.compute import ComputeGate, release_free_memory
 from companion.conversation import ConversationManager
 from companion.devices.audio import AudioSink, AudioSource, AudioUnavailableError
 from companion.events import EventBus, EventType
+from companion.metrics import Metrics
 from companion.models import ModelRegistry
 from companion.personas import PersonaLibrary
 from companion.pipeline import IntentHandler, VoiceLoop
@@ -36,6 +37,12 @@ from companion.stages.vad import SpeechClassifier
 from companion.stages.wake import WakeDetector
 from companion.state import DeviceStatus
 from companion.store import Store
+
+if TYPE_CHECKING:
+    from companion.arbitration import Arbiter
+    from companion.control.client import ControlLink
+    from companion.devices.gpio import Buttons, LedIndicator
+    from companion.peers import PeerTransport
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +64,6 @@ class Parts:
     tts: Synthesizer | None = None
     store: Store | None = None
     intent_handler: IntentHandler | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -93,9 +99,17 @@ class App:
         self.speech: SpeechOutput
         self.voice: VoiceLoop | None = None
         self.sink: AudioSink | None = None
-        self.extensions: dict[str, Any] = dict(parts.extra)
+        self.metrics = Metrics()  # counts from the start: it follows the bus
+        self.bus.add_callback(self.metrics.on_event)
         self.actions: ActionRegistry = build_registry(self)  # everything it can be asked to do
         self.timers = Timers(self)
+        # started by run() when configured and available; None otherwise
+        self.control: ControlLink | None = None
+        self.arbiter: Arbiter | None = None
+        self.peers: PeerTransport | None = None
+        self.led: LedIndicator | None = None
+        self.buttons: Buttons | None = None
+        self.http_addresses: list[Any] = []  # where the HTTP API listens, once it does
         self._tasks: list[asyncio.Task] = []
 
     # --- start-up ---------------------------------------------------------------------------------
@@ -225,7 +239,7 @@ class App:
         if self.voice is None or not s.arbitration.enabled:
             return
         arbiter = Arbiter(lambda: self.settings.arbitration, s.device_id, self.bus,
-                          control=lambda: self.extensions.get("control_link"))
+                          control=lambda: self.control)
         if s.arbitration.peer:
             from companion.peers import PeerTransport
 
@@ -233,9 +247,9 @@ class App:
                                  on_claim=arbiter.on_peer_claim)
             await peer.start()
             arbiter.peer = peer
-            self.extensions["peers"] = peer
+            self.peers = peer
         self.voice.arbiter = arbiter
-        self.extensions["arbiter"] = arbiter
+        self.arbiter = arbiter
 
     def _after_turn(self, event) -> None:
         if event.type in (EventType.TURN_END, EventType.TURN_ERROR, EventType.EXCHANGE_RECORDED):
@@ -250,10 +264,10 @@ class App:
         try:
             led = make_gpio(self.settings.gpio)
             if led is not None:
-                self.extensions["led"] = LedIndicator(
+                self.led = LedIndicator(
                     led, self.bus, lambda: self.conversation.active_persona.led_color)
-            self.extensions["buttons"] = Buttons(self.settings.gpio, button_actions(self),
-                                                 self.bus, asyncio.get_running_loop())
+            self.buttons = Buttons(self.settings.gpio, button_actions(self), self.bus,
+                                   asyncio.get_running_loop())
             self.status.set_component("gpio", True, "buttons and LED")
         except Exception as exc:  # no GPIO chip on this machine
             self.status.set_component("gpio", False, f"no GPIO: {exc}")
@@ -298,11 +312,9 @@ class App:
         await self.actions.aclose()  # background speech
         if hasattr(self, "conversation"):
             await self.conversation.aclose()
-        arbiter = self.extensions.get("arbiter")
-        if arbiter is not None:
-            await arbiter.aclose()
-        for name in ("buttons", "led", "peers"):
-            part = self.extensions.get(name)
+        if self.arbiter is not None:
+            await self.arbiter.aclose()
+        for part in (self.buttons, self.led, self.peers):
             if part is not None:
                 with contextlib.suppress(Exception):
                     part.close()

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from companion.events import Event, EventType
 
 if TYPE_CHECKING:
-    from companion.app import App
+    pass
 
 log = structlog.get_logger(__name__)
 
@@ -133,13 +133,3 @@ class Metrics:
                 "tokens_total": int(self.total("companion_inference_tokens_total"))},
             "pipeline": stages,
         }
-
-
-def metrics_for(app: App) -> Metrics:
-    """The App's Metrics, created (and subscribed to its bus) on first use."""
-    metrics = app.extensions.get("metrics")
-    if metrics is None:
-        metrics = Metrics()
-        app.extensions["metrics"] = metrics
-        app.bus.add_callback(metrics.on_event)
-    return metrics

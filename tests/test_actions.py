@@ -158,3 +158,11 @@ async def test_a_retention_change_from_the_control_plane_expires_sessions_at_onc
         finally:
             housekeeping.cancel()
             await asyncio.gather(housekeeping, return_exceptions=True)
+
+
+def test_app_parts_are_typed_attributes_not_a_dict(settings):
+    app = fake_app(settings)
+    assert app.control is None and app.led is None and app.buttons is None
+    with pytest.raises(AttributeError):
+        app.contrl  # noqa: B018  a misspelt part is an error, not a silent None
+    assert not hasattr(app, "extensions")

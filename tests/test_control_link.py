@@ -75,7 +75,7 @@ async def test_hello_heartbeats_and_clock_offset(tmp_path):
         assert conn.hello["last_acked_command_id"] is None
         await plane.wait_for(lambda: conn.last_heartbeat is not None)
         assert conn.last_heartbeat["pipeline_state"] == "idle"
-        status = app.extensions["control"]
+        status = app.control.status
         await until(lambda: status.clock_offset_ms is not None)
         assert status.connected and status.receipts
         assert abs(status.clock_offset_ms) < 50  # same machine, same clock
@@ -91,7 +91,7 @@ async def test_wrong_token_is_fatal_and_backs_off_long(tmp_path):
 
     async with control_plane() as plane, linked_device(
             tmp_path, url(plane), cp={"token": "wrong"}, link_kwargs={"sleep": record}) as (app, _):
-        status = app.extensions["control"]
+        status = app.control.status
         await until(lambda: len(delays) >= 2)
         assert status.fatal and not status.connected
         assert "401" in status.last_error
@@ -110,7 +110,7 @@ async def test_unreachable_then_up_reconnects_with_backoff(tmp_path):
         port = plane.port
     async with linked_device(tmp_path, f"ws://127.0.0.1:{port}",
                              link_kwargs={"sleep": record}) as (app, _link):
-        status = app.extensions["control"]
+        status = app.control.status
         await until(lambda: status.retries >= 3)
         assert not status.connected and status.last_error
         async with control_plane(port=port) as plane:
@@ -199,7 +199,7 @@ async def test_led_control_then_back_to_the_state_display(tmp_path):
     led_hw = make_gpio(GpioSettings(pin_factory="mock"))
     async with control_plane() as plane, linked_device(tmp_path, url(plane)) as (app, _):
         led = LedIndicator(led_hw, app.bus, lambda: app.conversation.active_persona.led_color)
-        app.extensions["led"] = led
+        app.led = led
         state_look = led.last_look
         await plane.wait_connected("dev-a")
         ack = await plane.wait_ack(await plane.send("dev-a", "led_control", {

@@ -37,8 +37,8 @@ async def test_talk_button_starts_a_turn_and_the_led_follows_the_state(gpio_app)
     await app.start()
     app._start_gpio()
     assert app.status.components["gpio"]["healthy"]
-    led = app.extensions["led"]
-    buttons = app.extensions["buttons"]
+    led = app.led
+    buttons = app.buttons
     pump = asyncio.create_task(app.voice.run())
     await press(buttons._buttons[0].pin)
     await until(lambda: any(e.type is EventType.TURN_START for e in events))
@@ -59,8 +59,8 @@ async def test_mute_button_toggles_the_microphone_and_the_led_turns_red(gpio_app
     app = gpio_app
     await app.start()
     app._start_gpio()
-    led = app.extensions["led"]
-    mute_pin = app.extensions["buttons"]._buttons[1].pin
+    led = app.led
+    mute_pin = app.buttons._buttons[1].pin
     await press(mute_pin)
     await until(lambda: app.status.muted)
     assert app.status.pipeline_state is PipelineState.MUTED
@@ -77,7 +77,7 @@ async def test_double_and_long_presses_are_told_apart(gpio_app):
     app.bus.add_callback(lambda e: kinds.append(e.data["kind"]) if e.type is EventType.BUTTON else None)
     await app.start()
     app._start_gpio()
-    pin = app.extensions["buttons"]._buttons[1].pin  # mute: it tells double presses apart
+    pin = app.buttons._buttons[1].pin  # mute: it tells double presses apart
     await press(pin)
     await asyncio.sleep(0.05)
     await press(pin)
@@ -92,7 +92,7 @@ async def test_led_override_then_back_to_the_state_display(gpio_app):
     app = gpio_app
     await app.start()
     app._start_gpio()
-    led = app.extensions["led"]
+    led = app.led
     led.override("#00FF00", "solid", 100)
     assert led.last_look == ((0.0, 1.0, 0.0), "solid")
     await until(lambda: led.last_look != ((0.0, 1.0, 0.0), "solid"))
@@ -115,7 +115,7 @@ async def test_the_talk_button_listens_on_release_without_waiting_for_a_double_p
     app.bus.add_callback(events.append)
     await app.start()
     app._start_gpio()
-    pin = app.extensions["buttons"]._buttons[0].pin
+    pin = app.buttons._buttons[0].pin
     loop = asyncio.get_running_loop()
     await press(pin)
     released = loop.time()
@@ -134,7 +134,7 @@ async def test_volume_buttons_step_the_volume_through_the_volume_action(tmp_path
                          if e.type is EventType.VOLUME_CHANGED else None)
     await app.start()
     app._start_gpio()
-    up, down = (b.pin for b in app.extensions["buttons"]._buttons if b.pin.number in (23, 24))
+    up, down = (b.pin for b in app.buttons._buttons if b.pin.number in (23, 24))
     await press(up)
     await until(lambda: changes == [0.9])
     await press(down)
@@ -154,7 +154,7 @@ async def test_the_mute_button_without_a_microphone_still_reports_the_change(tmp
     await app.start()
     app._start_gpio()
     assert app.voice is None
-    await press(app.extensions["buttons"]._buttons[1].pin)
+    await press(app.buttons._buttons[1].pin)
     await until(lambda: muted == [True])
     assert app.status.muted
     await app.aclose()

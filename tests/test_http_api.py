@@ -556,8 +556,8 @@ async def test_serve_http_runs_until_cancelled(tmp_path):
     app = fake_app(make_settings(tmp_path, api={"port": 0}))
     async with asyncio.timeout(10):
         server = asyncio.create_task(serve_http(app))  # before start(): /health must answer
-        await wait_for(lambda: "http_addresses" in app.extensions)
-        host, port = app.extensions["http_addresses"][0][:2]
+        await wait_for(lambda: app.http_addresses)
+        host, port = app.http_addresses[0][:2]
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://{host}:{port}/health") as r:
                 assert r.status == 200

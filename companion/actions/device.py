@@ -86,8 +86,7 @@ def problems(app: App) -> list[str]:
         if not component.get("healthy"):
             found.append(f"my {name.replace('_', ' ')} is not working")
     if app.settings.control_plane.enabled:
-        link = app.extensions.get("control")
-        if link is None or not getattr(link, "connected", False):
+        if app.control is None or not app.control.status.connected:
             found.append("I am not connected to the control plane")
     return found
 
@@ -204,10 +203,9 @@ async def time_(app: App, req: TimeRequest, ctx: Context) -> Outcome:
 
 
 async def led(app: App, req: LedRequest, ctx: Context) -> Outcome:
-    indicator = app.extensions.get("led")
-    if indicator is None:
+    if app.led is None:
         raise ActionError("UNAVAILABLE", "no LED on this device (GPIO unavailable)")
-    indicator.override(req.color, req.pattern, req.duration_ms)
+    app.led.override(req.color, req.pattern, req.duration_ms)
     app.bus.emit(EventType.LED_OVERRIDE, color=req.color, pattern=req.pattern,
                  duration_ms=req.duration_ms)
     return Outcome("led", {"color": req.color, "pattern": req.pattern,

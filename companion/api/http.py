@@ -38,7 +38,7 @@ from companion.api.openapi import Route, add_commands, build_openapi
 from companion.conversation import Reply, SessionNotFoundError
 from companion.events import PipelineState
 from companion.intents import parse as parse_intent
-from companion.metrics import STAGES, Metrics, metrics_for
+from companion.metrics import STAGES, Metrics
 from companion.stages.sentences import SentenceSplitter
 
 if TYPE_CHECKING:
@@ -355,16 +355,13 @@ async def _storage_health(app: App) -> s.ComponentHealth:
 def _control_health(app: App) -> s.ComponentHealth:
     if not app.settings.control_plane.enabled:
         return s.ComponentHealth(healthy=True, enabled=False, detail="no control plane configured")
-    link = app.extensions.get("control")
-    if link is None:
+    if app.control is None:
         return s.ComponentHealth(healthy=False, enabled=True, detail="not started")
-    connected = bool(getattr(link, "connected", False))
-    detail = "connected" if connected else (
-        f"disconnected (retries {getattr(link, 'retries', '?')}, "
-        f"outbox {getattr(link, 'outbox_depth', '?')})")
-    latency = getattr(link, "latency_ms", None)
-    return s.ComponentHealth(healthy=connected, enabled=True, detail=detail,
-                             latency_ms=latency if isinstance(latency, int | float) else None)
+    link = app.control.status
+    detail = "connected" if link.connected else (
+        f"disconnected (retries {link.retries}, outbox {link.outbox_depth})")
+    return s.ComponentHealth(healthy=link.connected, enabled=True, detail=detail,
+                             latency_ms=link.latency_ms)
 
 
 def _absent_reason(app: App, name: str) -> str:
@@ -788,14 +785,12 @@ async def state(request: web.Request) -> s.StateResponse:
     plane is not connected; online otherwise."""
     app = _app(request)
     st = app.status
-    link = app.extensions.get("control")
+    link = app.control.status if app.control is not None else None
     configured = app.settings.control_plane.enabled
-    connected = bool(getattr(link, "connected", False)) if link is not None else None
-    since = getattr(link, "connected_since", None)
     busy = st.pipeline_state in (PipelineState.LISTENING, PipelineState.THINKING,
                                  PipelineState.SPEAKING) or app.speech.speaking
+    connected = link.connected if link is not None else None
     status = "busy" if busy else ("offline" if configured and not connected else "online")
-    retries, depth = getattr(link, "retries", None), getattr(link, "outbox_depth", None)
     metrics = request.app[METRICS].as_json()
     return s.StateResponse(
         device_id=app.settings.device_id, status=status, pipeline_state=str(st.pipeline_state),
@@ -805,10 +800,9 @@ async def state(request: web.Request) -> s.StateResponse:
         muted=st.muted, volume=round(st.volume, 3), speaking=app.speech.speaking,
         control_plane=s.ControlLink(
             configured=configured, connected=connected,
-            since=(iso(since) if isinstance(since, int | float) else
-                   str(since) if since is not None else None),
-            retries=retries if isinstance(retries, int) else None,
-            outbox_depth=depth if isinstance(depth, int) else None),
+            since=iso(link.connected_since) if link and link.connected_since else None,
+            retries=link.retries if link else None,
+            outbox_depth=link.outbox_depth if link else None),
         metrics=s.StateMetrics(uptime_hours=round(st.uptime_s / 3600, 4),
                                interactions_today=await _turns_today(app),
                                avg_response_latency_ms=metrics["inference"]["time_avg_ms"]))
@@ -890,7 +884,7 @@ def make_http_app(app: App) -> web.Application:
         client_max_size=api.max_body_bytes,
     )
     web_app[APP] = app
-    web_app[METRICS] = metrics_for(app)
+    web_app[METRICS] = app.metrics
     web_app[LIMITER] = RateLimiter(api.rate_limit_per_minute)
     web_app[OPENAPI] = openapi_document()
     process = psutil.Process()
@@ -920,7 +914,7 @@ async def serve_http(app: App) -> None:
     try:
         site = web.TCPSite(runner, api.host, api.port)
         await site.start()
-        app.extensions["http_addresses"] = list(runner.addresses)
+        app.http_addresses = list(runner.addresses)
         log.info("http api listening", host=api.host, port=api.port,
                  addresses=[str(a) for a in runner.addresses], auth=bool(api.keys))
         await asyncio.Event().wait()

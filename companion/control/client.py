@@ -167,8 +167,7 @@ class ControlLink:
         self._ws: ClientConnection | None = None
         self._got_frame = False
         self.executed: list[str] = []  # command ids run by this process, in order (diagnostics)
-        app.extensions["control"] = self.status
-        app.extensions["control_link"] = self
+        app.control = self
         # subscribe now: what happens before run() is scheduled is kept too
         self._unsubscribe = app.bus.add_callback(self._on_event)
         if app.voice is not None:  # control_plane.send_audio: utterances go up as audio_stream
@@ -353,9 +352,8 @@ class ControlLink:
             await self._on_receipt(command.payload.ids, command.payload.server_time)
             return
         if command.type == WAKE_ARBITRATION:  # a result for the pipeline, not a command
-            arbiter = self.app.extensions.get("arbiter")
-            if arbiter is not None:
-                arbiter.on_control_result(command.payload.turn_id,
+            if self.app.arbiter is not None:
+                self.app.arbiter.on_control_result(command.payload.turn_id,
                                           command.payload.winner_device_id)
             return
         # the claim (a row in SQLite) and the start of the command must not be split by the
@@ -518,7 +516,7 @@ class ControlLink:
             "capabilities": sorted(COMMAND_TYPES | {"receipts", WAKE_ARBITRATION}
                                    | ({"speaker"} if app.speech.sink is not None else set())
                                    | ({"microphone"} if app.voice is not None else set())
-                                   | ({"led"} if "led" in app.extensions else set())),
+                                   | ({"led"} if app.led is not None else set())),
             "active_persona_id": app.conversation.active_persona_id,
             "active_session_id": app.conversation.active_session_id,
             "last_acked_command_id": last, "outbox_depth": self.outbox.depth,
