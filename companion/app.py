@@ -111,6 +111,7 @@ class App:
         self.buttons: Buttons | None = None
         self.http_addresses: list[Any] = []  # where the HTTP API listens, once it does
         self._tasks: list[asyncio.Task] = []
+        self._closed = False
 
     # --- start-up ---------------------------------------------------------------------------------
 
@@ -305,6 +306,11 @@ class App:
         return [str(e) for e in errors]
 
     async def aclose(self) -> None:
+        """Stop turns and timers, free the models and devices, close the store. Idempotent:
+        a test fixture closes every App again after the test, whatever the test did."""
+        if self._closed:
+            return
+        self._closed = True
         if self.voice is not None:  # turns live outside the TaskGroup: stop them first
             self.voice.barge_in()
             await self.voice.wait_idle()

@@ -58,13 +58,6 @@ async def sse_events(response) -> AsyncIterator[tuple[str, Any]]:
             data.append(line[5:].strip())
 
 
-async def wait_for(predicate, within_s: float = 2.0) -> None:
-    """Poll a condition that no event announces (a fake's counter), bounded in time."""
-    async with asyncio.timeout(within_s):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-
-
 @contextlib.asynccontextmanager
 async def file_server(files: dict[str, bytes], *, chunk: int = 16384) -> AsyncIterator[str]:
     """A real HTTP server on 127.0.0.1 serving ``files`` (path → body) in ``chunk``-byte pieces

@@ -1,12 +1,14 @@
 """The real sounddevice path, through a private PulseAudio null sink started by the test."""
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 
 from companion.devices.audio import AudioUnavailableError, SoundDeviceSink, SoundDeviceSource, find_device
 from companion.stages.tts import AudioClip
+from tests.conftest import until
 from tests.pulse import private_pulseaudio
 
 pytestmark = pytest.mark.audio
@@ -49,9 +51,11 @@ async def test_what_the_speaker_plays_the_microphone_hears(pulse):
     recorder = asyncio.create_task(record())
     try:
         async with asyncio.timeout(10):
-            await asyncio.sleep(0.3)
+            await until(lambda: captured, what="the microphone delivers audio")
             await sink.play(AudioClip(tone(22050, 1.0, 440.0), 22050))
-            await asyncio.sleep(0.5)
+            # the monitor hands over what was played with some latency: take 0.5 s more
+            played_at = len(captured)
+            await until(lambda: len(captured) >= played_at + 2 * 8000, what="0.5 s more audio")
     finally:
         recorder.cancel()
         await asyncio.gather(recorder, return_exceptions=True)
@@ -65,7 +69,13 @@ async def test_what_the_speaker_plays_the_microphone_hears(pulse):
 async def test_cancelling_playback_stops_it_quickly(pulse):
     sink = SoundDeviceSink("pulse")
     play = asyncio.create_task(sink.play(AudioClip(tone(16000, 5.0), 16000)))
-    await asyncio.sleep(0.3)
+    sizes = [0]
+
+    def playing() -> bool:  # the device has started taking the clip from the sink's buffer
+        sizes.append(len(sink._pending))
+        return 0 < sizes[-1] < max(sizes)
+
+    await until(playing, what="playback under way")
     loop = asyncio.get_running_loop()
     started = loop.time()
     play.cancel()
@@ -102,9 +112,10 @@ async def test_the_daemon_voice_loop_runs_on_real_devices(pulse, tmp_path):
     app.bus.add_callback(on_event)
     await app.start()
     assert app.voice is not None and app.status.components["audio_in"]["healthy"]
+    opened = time.monotonic()
     pump = asyncio.create_task(app.voice.run())
     try:
-        await asyncio.sleep(0.5)
+        await until(lambda: app.voice.source.last_block_at > opened, what="the microphone is open")
         await asyncio.to_thread(subprocess.run, ["paplay", str(wav)], check=True, env=pulse)
         async with asyncio.timeout(30):
             await turn_over.wait()

@@ -10,9 +10,8 @@ from companion.actions import ActionError, Context
 from companion.actions.voice import make_intent_handler
 from companion.events import EventType
 from companion.settings import PROJECT_ROOT
-from tests.conftest import fake_app, make_settings
+from tests.conftest import fake_app, make_settings, until
 from tests.fakes import BLOCK, FakeMic, FakeTranscriber, speech_block, wake_block
-from tests.http_helpers import wait_for
 
 
 @pytest.fixture
@@ -118,7 +117,7 @@ async def test_stop_cuts_speech_in_progress(settings):
     async with asyncio.timeout(5):
         await app.start()
         await commands.execute("say", {"text": "This is a long announcement " * 10})
-        await wait_for(lambda: app.speech.speaking)
+        await until(lambda: app.speech.speaking)
         out = await commands.execute("stop")
         assert out.result["stopped"] is True
         await asyncio.gather(*app.actions._background, return_exceptions=True)

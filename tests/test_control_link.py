@@ -336,8 +336,7 @@ async def test_ping_and_duplicate_commands_run_once_and_are_acked_twice(tmp_path
             return [a for a in plane.acks("dev-a") if a["command_id"] == "dup-1"]
 
         await plane.wait_for(lambda: len(acks()) == 2)
-        await asyncio.sleep(0.1)
-        await plane.send_raw("dev-a", frame)  # long after it ran
+        await plane.send_raw("dev-a", frame)  # after it ran and was acked
         await plane.wait_for(lambda: len(acks()) == 3)
         assert link.executed.count("dup-1") == 1
         assert [t for t, _ in app.tts.spoken].count("Only once.") == 1

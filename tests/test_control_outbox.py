@@ -9,6 +9,7 @@ from companion.control.outbox import Outbox
 from companion.control.protocol import device_frame
 from companion.events import EventType
 from companion.store import Store
+from tests.conftest import until
 from tests.control_helpers import control_plane, linked_device, url
 
 
@@ -66,17 +67,13 @@ async def test_frames_made_while_offline_are_delivered_in_order_on_connect(tmp_p
     async with linked_device(tmp_path, f"ws://127.0.0.1:{port}") as (app, link):
         for i in range(20):
             app.bus.emit(EventType.BUTTON, button="talk", kind=f"k{i}")
-        async with asyncio.timeout(3):
-            while link.status.outbox_depth < 20:  # noqa: ASYNC110  written by the link's task
-                await asyncio.sleep(0.01)
+        await until(lambda: link.status.outbox_depth >= 20, 3, what="20 frames in the outbox")
         assert not link.status.connected
         async with control_plane(port=port) as plane:
             presses = await plane.wait_for(
                 lambda: len(m := plane.messages("dev-a", "button_press")) == 20 and m)
             assert [p["payload"]["kind"] for p in presses] == [f"k{i}" for i in range(20)]
-            async with asyncio.timeout(3):
-                while link.status.outbox_depth:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
+            await until(lambda: not link.status.outbox_depth, 3, what="the outbox emptied")
 
 
 async def test_control_plane_restarts_mid_stream_nothing_lost_nothing_twice(tmp_path):
@@ -90,18 +87,19 @@ async def test_control_plane_restarts_mid_stream_nothing_lost_nothing_twice(tmp_
                 for i in range(15):
                     kind = ("ping", {}) if i % 3 else ("audio_response", {"text": f"n{round_}-{i}."})
                     sent.append(await plane.send("dev-a", *kind))
-                    await asyncio.sleep(0.002)
+                    await asyncio.sleep(0.002)  # pacing, so some commands run before the kill
                 # kill it mid-stream, bring it back on the same port with the same state
                 await plane.stop()
                 plane.close()
-                await asyncio.sleep(0.05)
+                await until(lambda: not link.status.connected, what="the device saw the link drop")
                 plane = type(plane)(token=plane.token, state_path=state)
                 await plane.start("127.0.0.1", port)
             try:
                 async with asyncio.timeout(10):
                     await plane.wait_for(lambda: all(plane.command(c)["ack"] for c in sent),
                                          within_s=10)
-                await asyncio.sleep(0.2)
+                # every ack the device will send has reached the plane once its outbox is empty
+                await until(lambda: not link.status.outbox_depth, 5, what="the outbox emptied")
                 originals = [a for a in plane.acks("dev-a") if not a.get("duplicate")]
                 per_command = {c: [a for a in originals if a["command_id"] == c] for c in sent}
                 assert all(len(v) == 1 for v in per_command.values()), "an ack lost or doubled"

@@ -7,12 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
 from companion.settings import PROJECT_ROOT
+from tests.conftest import until_blocking
 
 pytestmark = pytest.mark.models
 
@@ -31,16 +31,9 @@ def get(port: int, path: str) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-def wait_until(predicate, limit_s: float) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("condition not met in time")
+def wait_until(predicate, limit_s: float, what: str = "") -> None:
+    """The daemon answers HTTP only once it is up: a refused connection means "not yet"."""
+    until_blocking(predicate, limit_s, what, every_s=0.1, ignore=(OSError,))
 
 
 @pytest.fixture
@@ -71,7 +64,7 @@ def test_the_daemon_runs_without_sound_card_and_stops_cleanly(daemon):
     assert body["components"]["audio_in"]["healthy"] is False
     assert body["components"]["llm"]["healthy"] is True
     process.send_signal(signal.SIGHUP)  # persona reload must not disturb the daemon
-    time.sleep(0.5)
+    wait_until(lambda: "personas reloaded" in log_path.read_text(), 10, "the reload logged")
     assert get(port, "/health")[0] == 200
     process.send_signal(signal.SIGTERM)
     assert process.wait(20) == 0

@@ -23,6 +23,8 @@ def gpio_app(tmp_path):
 
 
 async def press(pin, hold_s: float = 0.02) -> None:
+    """A finger on the button for ``hold_s``: the hold is the input (gpiozero times presses
+    on the wall clock), not a wait for something to happen."""
     pin.drive_low()
     await asyncio.sleep(hold_s)
     pin.drive_high()
@@ -79,7 +81,7 @@ async def test_double_and_long_presses_are_told_apart(gpio_app):
     app._start_gpio()
     pin = app.buttons._buttons[1].pin  # mute: it tells double presses apart
     await press(pin)
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # the gap between the two presses of a double press (input)
     await press(pin)
     await until(lambda: "double" in kinds)
     await press(pin, hold_s=0.5)

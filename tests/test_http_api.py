@@ -8,8 +8,9 @@ import pytest
 
 from companion.api.http import ROUTES, RateLimiter, openapi_document
 from companion.events import EventType
+from tests.conftest import until
 from tests.fakes import FakeChatModel
-from tests.http_helpers import parse_sse, sse_events, start_api, wait_for
+from tests.http_helpers import parse_sse, sse_events, start_api
 
 ERROR_KEYS = {"code", "message", "details", "request_id"}
 
@@ -267,7 +268,7 @@ async def test_chat_speak_says_the_reply_in_the_persona_voice(api):
     async with asyncio.timeout(5):
         r = await client.post("/v1/chat", json={"message": "hi", "speak": True})
         assert (await r.json())["spoken"] is True
-        await wait_for(lambda: len(app.sink.played) >= 2)
+        await until(lambda: len(app.sink.played) >= 2)
     spoken = [text for text, _ in app.tts.spoken]
     assert spoken[:2] == ["Paris is the capital.", "It is lovely."]
     assert app.tts.spoken[0][1] == app.conversation.active_persona.voice_config.params()
@@ -334,7 +335,7 @@ async def test_client_disconnect_cancels_generation(aiohttp_client, tmp_path):
             assert event == "message"
             break
         r.close()  # the client goes away mid-reply
-        await wait_for(lambda: llm.cancelled == 1)
+        await until(lambda: llm.cancelled == 1)
         # nothing was recorded: the turn did not complete
         turns = await app.store.run(app.store.count_turns_since, 0)
     assert turns == 0
@@ -426,7 +427,7 @@ async def test_personas_list_detail_switch_reload(api):
         assert body["previous_persona_id"] == "companion"
         assert body["new_persona_id"] == "medication_nurse"
         assert body["session_id"] == first["conversation_id"]  # context kept
-        await wait_for(lambda: any(t == "Nora here." for t, _ in app.tts.spoken))
+        await until(lambda: any(t == "Nora here." for t, _ in app.tts.spoken))
         voice = next(v for t, v in app.tts.spoken if t == "Nora here.")
         assert voice.length_scale == 1.2
         r = await client.post("/v1/personas/switch", json={"target_persona_id": "companion",
@@ -556,7 +557,7 @@ async def test_serve_http_runs_until_cancelled(tmp_path):
     app = fake_app(make_settings(tmp_path, api={"port": 0}))
     async with asyncio.timeout(10):
         server = asyncio.create_task(serve_http(app))  # before start(): /health must answer
-        await wait_for(lambda: app.http_addresses)
+        await until(lambda: app.http_addresses)
         host, port = app.http_addresses[0][:2]
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://{host}:{port}/health") as r:

@@ -1,4 +1,7 @@
-"""Model manifest: names resolve to files inside PyPI packages; a missing one says how to get it."""
+"""Model manifest: names resolve to files inside PyPI packages; a missing one says how to get it.
+
+Tests that take `installed_models` need the model packages and are marked `models` by
+conftest; `registry` reads only the manifest."""
 
 import pytest
 
@@ -11,18 +14,23 @@ def registry():
     return ModelRegistry(PROJECT_ROOT / "models")
 
 
-def test_every_default_model_resolves_to_a_file(registry):
+def test_every_default_model_resolves_to_a_file(installed_models):
     kinds = set()
-    for entry in registry.defaults():
-        resolved = registry.resolve(entry.name)
+    for entry in installed_models.defaults():
+        resolved = installed_models.resolve(entry.name)
         assert resolved.file.is_file(), entry.name
         kinds.add(entry.kind)
     assert kinds == {"stt", "llm", "tts", "wake"}
 
 
-def test_aliases_resolve(registry):
-    assert registry.resolve("whisper-tiny.en").entry.name == "whisper-tiny-en"
-    assert registry.resolve("joe", kind="tts").config_file.is_file()
+def test_aliases_resolve(installed_models):
+    assert installed_models.resolve("whisper-tiny.en").entry.name == "whisper-tiny-en"
+    assert installed_models.resolve("joe", kind="tts").config_file.is_file()
+
+
+def test_aliases_name_their_entry_without_the_files(registry):
+    assert registry.entry("whisper-tiny.en").name == "whisper-tiny-en"
+    assert registry.entry("joe").kind == "tts"
 
 
 def test_a_model_that_is_not_installed_names_the_file_and_the_install(tmp_path):
@@ -66,7 +74,6 @@ def test_sha256_detects_a_corrupt_file(tmp_path):
     assert resolved.directory == local and not resolved.verify_sha256()
 
 
-@pytest.mark.models
-def test_installed_default_models_match_their_sha256(registry):
-    for entry in registry.defaults():
-        assert registry.resolve(entry.name).verify_sha256(), entry.name
+def test_installed_default_models_match_their_sha256(installed_models):
+    for entry in installed_models.defaults():
+        assert installed_models.resolve(entry.name).verify_sha256(), entry.name

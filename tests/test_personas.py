@@ -14,7 +14,7 @@ import pytest
 from companion.app import install_signal_handlers
 from companion.models import ModelRegistry
 from companion.personas import PersonaFileError, PersonaLibrary, load_persona_file
-from companion.settings import PROJECT_ROOT, CompanionSettings
+from companion.settings import PROJECT_ROOT
 from tests.conftest import fake_app, make_settings, until
 
 SHIPPED = PROJECT_ROOT / "personas"
@@ -38,17 +38,8 @@ def _library(directory: Path) -> PersonaLibrary:
     return PersonaLibrary(directory, voice_exists=_voice_exists)
 
 
-def test_shipped_personas_load_with_the_installed_voice() -> None:
-    registry = ModelRegistry(CompanionSettings(device_id="t").models_dir)
-
-    def installed(voice: str) -> bool:
-        try:
-            registry.resolve(voice, kind="tts")
-        except Exception:
-            return False
-        return True
-
-    library = PersonaLibrary(SHIPPED, voice_exists=installed)
+def test_shipped_personas_load_with_the_installed_voice(installed_models: ModelRegistry) -> None:
+    library = PersonaLibrary(SHIPPED, voice_exists=lambda voice: installed_models.has(voice, "tts"))
     assert library.load() == []
     assert {"companion", "medication_nurse", "entertainer"} <= set(library.ids())
     voices = {p.voice_config.params() for p in library.all()}

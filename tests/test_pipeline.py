@@ -6,7 +6,7 @@ from companion.actions import buttons
 from companion.events import Event, EventType, PipelineState
 from companion.pipeline import LocalAction
 from companion.stages.llm import Priority
-from tests.conftest import fake_app, make_settings
+from tests.conftest import fake_app, make_settings, until
 from tests.fakes import BLOCK, FakeChatModel, FakeMic, FakeSpeaker, FakeTranscriber, speech_block, wake_block
 
 UTTERANCE = [BLOCK] * 5 + [wake_block()] + [speech_block()] * 20 + [BLOCK] * 40
@@ -29,9 +29,7 @@ def types(events: list[Event]) -> list[EventType]:
 
 
 async def until_seen(events: list[Event], kind: EventType, limit_s: float = 5.0) -> None:
-    async with asyncio.timeout(limit_s):
-        while not any(e.type is kind for e in events):  # noqa: ASYNC110  events land via callback
-            await asyncio.sleep(0.01)
+    await until(lambda: any(e.type is kind for e in events), limit_s, what=f"{kind} event")
 
 
 async def run_mic(app, limit_s: float = 3.0) -> None:
@@ -306,7 +304,7 @@ async def test_barge_in_releases_a_listen_once_instead_of_leaving_it_waiting(tmp
     await app.start()
     pump = asyncio.create_task(app.voice.run())
     listener = asyncio.create_task(app.voice.listen_once())
-    await asyncio.sleep(0.1)
+    await until(lambda: app.status.pipeline_state is PipelineState.LISTENING)
     app.voice.barge_in()  # e.g. the stop command during a trivia answer
     async with asyncio.timeout(1):
         assert await listener is None
@@ -345,9 +343,7 @@ async def test_barge_in_stops_the_llm_not_just_the_speaker(tmp_path):
     pump = asyncio.create_task(app.voice.run())
     await until_seen(events, EventType.PLAYBACK_START)
     buttons.talk(app, "short")  # barge-in
-    async with asyncio.timeout(1):
-        while llm.cancelled == 0:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    await until(lambda: llm.cancelled, 1, what="the LLM cancelled")
     pump.cancel()
     await asyncio.gather(pump, return_exceptions=True)
     await app.aclose()

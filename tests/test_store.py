@@ -178,6 +178,11 @@ WRITER = textwrap.dedent("""
         from companion.settings import LlmSettings
         from tests.fakes import FakeChatModel
         lib = PersonaLibrary(Path({root!r}) / "personas"); lib.load()
+        async def aenumerate(items):
+            i = 0
+            async for item in items:
+                yield i, item
+                i += 1
         async def main():
             cm = ConversationManager(llm=FakeChatModel("word " * 200, delay_s=0.01, chunk=5),
                                      store=store, personas=lib, settings=LlmSettings(),
@@ -186,7 +191,9 @@ WRITER = textwrap.dedent("""
             n = 0
             while True:
                 print("turn-start", n, flush=True)
-                await cm.reply_text(f"question {{n}}")
+                async for i, _ in aenumerate(cm.respond(f"question {{n}}")):
+                    if i == 5:
+                        print("streaming", n, flush=True)
                 print("turn-done", n, flush=True)
                 n += 1
         asyncio.run(main())
@@ -239,9 +246,8 @@ def test_kill_9_during_a_conversation_turn(tmp_path: Path) -> None:
                 kind, n = line.split()
                 if kind == "turn-done":
                     done.append(int(n))
-                if kind == "turn-start" and len(done) == 2:
-                    time.sleep(0.15)  # in the middle of streaming the third reply
-                    break
+                if kind == "streaming" and len(done) == 2:
+                    break  # in the middle of streaming the third reply
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
