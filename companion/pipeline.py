@@ -406,7 +406,8 @@ class VoiceLoop:
             timings.stt_s = time.perf_counter() - decided_at
             self.bus.emit(EventType.STT_END, turn_id, text=transcript.text,
                           took_s=round(timings.stt_s, 4), speculative=reused)
-            log.info("transcript", text=transcript.text, stt_s=round(timings.stt_s, 3))
+            log.info("transcript", chars=len(transcript.text), stt_s=round(timings.stt_s, 3))
+            log.debug("transcript text", text=transcript.text)
             if not transcript.text.strip():
                 self.bus.emit(EventType.NO_SPEECH, turn_id, audio_s=round(result.audio_s, 3),
                               reason="empty transcript")

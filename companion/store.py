@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -81,11 +82,37 @@ class Session:
     messages: list[Message] = field(default_factory=list)
 
 
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def make_private(path: Path) -> None:
+    """Create ``path`` (the database) readable by the daemon's user only, whatever the umask:
+    the directory 0700, the file 0600. SQLite creates its -wal and -shm files with the
+    database file's mode; files left by an older install are tightened here too."""
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    _tighten(directory, PRIVATE_DIR_MODE)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        _tighten(file, PRIVATE_FILE_MODE)
+
+
+def _tighten(path: Path, mode: int) -> None:
+    """chmod what this user owns (a directory someone else owns is theirs to set)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    if st.st_uid == os.geteuid() and st.st_mode & 0o777 != mode:
+        path.chmod(mode)
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         if str(path) != ":memory:":
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_private(path)
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.RLock()

@@ -85,7 +85,7 @@ class Timers:
         self.by_id[timer.id] = timer
         self.app.bus.emit(EventType.TIMER_SET, timer_id=timer.id, seconds=timer.seconds,
                           label=timer.label)
-        log.info("timer set", timer_id=timer.id, seconds=timer.seconds, label=timer.label)
+        log.info("timer set", timer_id=timer.id, seconds=timer.seconds)
         return timer
 
     def cancel(self, timer_id: str | None) -> list[str]:
@@ -104,7 +104,7 @@ class Timers:
         app = self.app
         app.bus.emit(EventType.TIMER_RANG, timer_id=timer.id, seconds=timer.seconds,
                      label=timer.label)
-        log.info("timer rang", timer_id=timer.id, label=timer.label)
+        log.info("timer rang", timer_id=timer.id)
         if app.sink is not None:
             try:
                 async with asyncio.timeout(60):
