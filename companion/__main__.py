@@ -20,13 +20,14 @@ from pathlib import Path
 import structlog
 
 from companion import check as check_mod
-from companion.app import VERSION, Features, build_app, install_signal_handlers, tune_process
+from companion.app import Features, build_app, install_signal_handlers, tune_process
 from companion.devices.audio import AudioFileError, AudioUnavailableError, WavFileSink, WavFileSource
 from companion.log import configure_logging
 from companion.models import ModelMissingError
 from companion.models_cli import add_parser as add_models_parser
 from companion.models_cli import cmd_models
 from companion.settings import CompanionSettings, describe_validation_error, load_settings
+from companion.version import VERSION
 
 log = structlog.get_logger("companion")
 
@@ -87,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def cmd_run(settings: CompanionSettings, args: argparse.Namespace) -> int:
-    if not settings.api.is_loopback and not settings.api.keys:
-        print(f"companion: api.host is {settings.api.host} (not loopback) but api.keys is empty;"
-              " refusing to serve an open API", file=sys.stderr)
+    if settings.api.unprotected:
+        print(f"companion: {settings.api.unprotected}; refusing to serve an open API",
+              file=sys.stderr)
         return EXIT_CONFIG
     app = build_app(settings)
     task = asyncio.current_task()

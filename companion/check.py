@@ -72,8 +72,8 @@ def _run_checks(settings: CompanionSettings, skip: set[str]) -> Report:
                else "not configured (device works on its own)")
     if cp.enabled and not cp.token:
         report.lines[-1].ok = False
-    if not settings.api.is_loopback and not settings.api.keys:
-        report.add("api", False, f"bound to {settings.api.host} with no api.keys")
+    if settings.api.unprotected:
+        report.add("api", False, settings.api.unprotected)
     else:
         report.add("api", True, f"{settings.api.host}:{settings.api.port}, "
                                 f"{len(settings.api.keys)} key(s)")

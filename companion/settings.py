@@ -232,6 +232,14 @@ class ApiSettings(_Section):
     def is_loopback(self) -> bool:
         return self.host in {"127.0.0.1", "::1", "localhost"} or self.host.startswith("127.")
 
+    @property
+    def unprotected(self) -> str | None:
+        """Why the API must not be served as configured (reachable from the network with no
+        key), or None. `run`, `check` and the HTTP server all ask here."""
+        if self.is_loopback or self.keys:
+            return None
+        return f"api.host is {self.host} (not loopback) but api.keys is empty"
+
 
 class PersonaSettings(_Section):
     dir: Path = Field(PROJECT_ROOT / "personas", description="The persona library (*.toml).")

@@ -42,6 +42,7 @@ from companion.settings import PROJECT_ROOT, CompanionSettings
 from tests.fakes import FakeChatModel, FakeSpeaker, FakeSynthesizer
 
 TOKEN = "sim-token"
+ADMIN_TOKEN = "sim-admin"
 FEATURES = Features(audio_devices=False, voice_loop=False, http=False, control=False, gpio=False,
                     warm_personas=False)
 
@@ -54,8 +55,8 @@ def free_port() -> int:
 
 def start_plane(port: int, state: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "companion.control.devserver", "serve", "--port", str(port),
-         "--token", TOKEN, "--state", str(state)],
+        [sys.executable, "-m", "companion_dev.controlplane", "serve", "--port", str(port),
+         "--token", TOKEN, "--admin-token", ADMIN_TOKEN, "--state", str(state)],
         stdout=log.open("a"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
 
 
@@ -95,7 +96,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     plane = start_plane(port, tmp / "plane.db", tmp / "plane.log")
     apps, links, tasks = [], [], []
     result: dict[str, Any] = {"devices": args.devices}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120),
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as http:
         try:
             await wait_plane(http, base)
             for i in range(args.devices):

@@ -11,7 +11,7 @@ from typing import Any
 
 from companion.app import App
 from companion.control.client import ControlLink
-from companion.control.devserver import ControlPlane
+from companion_dev.controlplane import ControlPlane
 from tests.conftest import fake_app, make_settings
 
 TOKEN = "device-secret"

@@ -15,15 +15,19 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import until_blocking
+
 pytestmark = pytest.mark.models
 
 TOKEN = "fleet-token"
+ADMIN = "fleet-admin"
 
 
 def free_port() -> int:
@@ -33,7 +37,8 @@ def free_port() -> int:
 
 
 def http(method: str, url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, Any]:
-    request = urllib.request.Request(url, method=method, headers={"Content-Type": "application/json"},
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN}"}
+    request = urllib.request.Request(url, method=method, headers=headers,
                                      data=json.dumps(body).encode() if body is not None else None)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -42,17 +47,8 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 60) -
         return exc.code, json.loads(exc.read() or b"null")
 
 
-def until(predicate: Callable[[], Any], limit_s: float, what: str) -> Any:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        try:
-            result = predicate()
-        except (OSError, urllib.error.URLError):
-            result = None
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {limit_s}s waiting for {what}")
+# the daemons answer HTTP only once they are up: a refused connection means "not yet"
+until = partial(until_blocking, every_s=0.1, ignore=(OSError,))
 
 
 class Fleet:
@@ -75,8 +71,8 @@ class Fleet:
             stderr=subprocess.STDOUT)
 
     def start_plane(self) -> None:
-        self._spawn("plane", ["-m", "companion.control.devserver", "serve", "--port",
-                              str(self.plane_port), "--token", TOKEN, "--state",
+        self._spawn("plane", ["-m", "companion_dev.controlplane", "serve", "--port",
+                              str(self.plane_port), "--token", TOKEN, "--admin-token", ADMIN, "--state",
                               str(self.tmp / "plane.db"), "--heartbeat", "2"], {})
         until(lambda: http("GET", f"{self.plane}/health", timeout=2)[0] == 200, 20, "the plane")
 

@@ -40,6 +40,7 @@ from companion.events import PipelineState
 from companion.intents import parse as parse_intent
 from companion.metrics import STAGES, Metrics
 from companion.stages.sentences import SentenceSplitter
+from companion.version import VERSION
 
 if TYPE_CHECKING:
     from companion.app import App
@@ -654,8 +655,6 @@ async def _turns_today(app: App) -> int:
 @route("GET", "/v1/system/status", summary="Version, uptime, resources, statistics", tag="system",
        response=s.SystemStatusResponse)
 async def system_status(request: web.Request) -> s.SystemStatusResponse:
-    from companion.app import VERSION
-
     app = _app(request)
     process = request.app[PROCESS]
     db_bytes = await _timed(lambda: app.store.run(lambda: app.store.size_bytes))
@@ -864,8 +863,6 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 
 def openapi_document() -> dict[str, Any]:
-    from companion.app import VERSION
-
     doc = build_openapi(ROUTES, title="companion local API", version=VERSION,
                         description="The device's local HTTP API (SPEC §3). Errors: "
                                     "{\"error\": {code, message, details, request_id}}.")
@@ -905,9 +902,8 @@ async def _cleanup(web_app: web.Application) -> None:
 async def serve_http(app: App) -> None:
     """Serve until cancelled, then close the listener and open connections (2 s grace)."""
     api = app.settings.api
-    if not api.is_loopback and not api.keys:
-        raise RuntimeError(f"api.host is {api.host} (not loopback) but api.keys is empty: "
-                           "refusing to serve the API unauthenticated")
+    if api.unprotected:
+        raise RuntimeError(f"{api.unprotected}: refusing to serve the API unauthenticated")
     runner = web.AppRunner(make_http_app(app), handler_cancellation=True, access_log=None,
                            shutdown_timeout=2.0)
     await runner.setup()

@@ -57,6 +57,7 @@ from companion.control.protocol import (
 )
 from companion.events import Event, EventType, PipelineState
 from companion.settings import ControlPlaneSettings
+from companion.version import VERSION
 
 if TYPE_CHECKING:
     from companion.app import App
@@ -207,7 +208,7 @@ class ControlLink:
                     uri, additional_headers={"Authorization": f"Bearer {cp.token or ''}"},
                     max_size=max(4 * cp.max_frame_bytes, 4 << 20), proxy=None,
                     open_timeout=10, ping_interval=min(20.0, cp.heartbeat_s), ping_timeout=20,
-                    close_timeout=2, user_agent_header="companion/" + _version())
+                    close_timeout=2, user_agent_header="companion/" + VERSION)
             except asyncio.CancelledError:
                 raise
             except InvalidStatus as exc:
@@ -510,7 +511,7 @@ class ControlLink:
         app = self.app
         last = await app.store.run(self.outbox.last_acked_command_id)
         return {
-            "device_id": app.settings.device_id, "version": _version(),
+            "device_id": app.settings.device_id, "version": VERSION,
             "protocol": PROTOCOL_VERSION,
             "room": app.settings.arbitration.room,
             "capabilities": sorted(COMMAND_TYPES | {"receipts", WAKE_ARBITRATION}
@@ -571,12 +572,6 @@ async def _child(work: Awaitable[T]) -> T:
         if task.cancelled() and me is not None and not me.cancelling():
             raise _Interrupted() from None
         raise
-
-
-def _version() -> str:
-    from companion.app import VERSION
-
-    return VERSION
 
 
 async def run_control_link(app: App, **seams: Any) -> None:

@@ -4,7 +4,8 @@ It accepts devices on ``/ws/{device_id}`` (Bearer token), records everything the
 SQLite, so a restarted server still knows it), confirms each stored frame with a ``received``
 receipt, resends commands that were not acked when a device says ``hello``, and forwards a
 ``session_export`` to the device it names as a ``session_handoff_in``. A person or a test drives
-it over a small HTTP API on the same port:
+it over a small HTTP API on the same port, which answers only with the admin token
+(``Authorization: Bearer <admin token>``; 401 without it: the API sends commands to devices):
 
     GET  /devices                               who is (or was) connected
     POST /devices/{id}/commands?wait=5          {"type", "payload", "priority"?, "id"?}
@@ -21,8 +22,11 @@ it over a small HTTP API on the same port:
 Wake words heard by several devices of one room are arbitrated by ``companion.arbitration``'s
 ``WakeRounds`` (docs/control-plane.md, "Several devices, one wake word").
 
+    export COMPANION_CONTROLPLANE_ADMIN_TOKEN=$(openssl rand -hex 16)
     companion-controlplane serve --port 8765 --token secret --state cp.db
     companion-controlplane send kitchen persona_switch '{"persona_id": "entertainer"}' --wait 5
+
+It lives outside the ``companion`` package: the device's daemon never imports it.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 DEFAULT_PORT = 8765
 TOKEN_ENV = "COMPANION_CONTROLPLANE_TOKEN"
+ADMIN_TOKEN_ENV = "COMPANION_CONTROLPLANE_ADMIN_TOKEN"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS commands (
@@ -238,7 +243,8 @@ class ControlPlane:
             type_, frame_id = str(frame["type"]), str(frame["id"])
             payload = frame.get("payload") or {}
         except (ValueError, KeyError, TypeError):
-            log.warning("bad frame from device", device_id=conn.device_id, frame=text[:200])
+            log.warning("bad frame from device", device_id=conn.device_id, bytes=len(text))
+            log.debug("bad frame content", device_id=conn.device_id, frame=text[:200])
             return
         self.frame_log.append((conn.device_id, type_, now))
         if type_ in (HELLO, HEARTBEAT) and isinstance(payload.get("room"), str):
@@ -415,10 +421,14 @@ class ControlPlane:
 
     @web.middleware
     async def _admin_auth(self, request: web.Request, handler):
-        if self.admin_token and not request.path.startswith("/ws/") and request.path != "/health":
-            given = request.headers.get("Authorization", "").partition(" ")[2]
-            if not hmac.compare_digest(given.encode(), self.admin_token.encode()):
-                return _error(401, "UNAUTHORIZED", "admin token required")
+        """The admin API answers only with the admin token; with none configured it is closed
+        (devices use their own token on /ws/, /health is open)."""
+        if not request.path.startswith("/ws/") and request.path != "/health":
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if (self.admin_token is None or scheme.lower() != "bearer"
+                    or not hmac.compare_digest(given.encode(), self.admin_token.encode())):
+                return _error(401, "UNAUTHORIZED", "admin token required",
+                              {"header": "Authorization: Bearer <admin token>"})
         return await handler(request)
 
     async def http_health(self, request: web.Request) -> web.Response:
@@ -575,7 +585,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
     serve.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                        help=f"device token (default ${TOKEN_ENV}; unset = any token)")
-    serve.add_argument("--admin-token", help="Bearer token for the HTTP API (default: none)")
+    serve.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV),
+                       help=f"Bearer token of the HTTP API (default ${ADMIN_TOKEN_ENV}; required)")
     serve.add_argument("--state", type=Path, help="SQLite file that survives restarts")
     serve.add_argument("--no-receipts", action="store_true", help="do not send 'received'")
     serve.add_argument("--heartbeat", type=float, default=20.0, help="WebSocket ping period")
@@ -585,7 +596,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--url", default=os.environ.get("COMPANION_CONTROLPLANE_HTTP",
                                                        f"http://127.0.0.1:{DEFAULT_PORT}"))
-        p.add_argument("--admin-token")
+        p.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV),
+                       help=f"the server's admin token (default ${ADMIN_TOKEN_ENV})")
         if name == "send":
             p.add_argument("device_id")
             p.add_argument("type")
@@ -643,6 +655,10 @@ def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.command == "serve" and not args.admin_token:
+        print(f"companion-controlplane: set --admin-token or ${ADMIN_TOKEN_ENV} (the HTTP API "
+              "sends commands to devices)", file=sys.stderr)
+        return 2
     from companion.log import configure_logging
 
     configure_logging("info")
