@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-VERSION = "0.1.0"
 GIL_SWITCH_INTERVAL_S = 0.0005
 HOUSEKEEPING_EVERY_S = 3600.0
 

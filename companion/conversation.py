@@ -326,7 +326,7 @@ class ConversationManager:
         behavior = persona.behavior_config
         params = SamplingParams(
             temperature=behavior.temperature if temperature is None else temperature,
-            max_tokens=behavior.max_tokens if max_tokens is None else max_tokens,
+            max_tokens=behavior.reply_tokens(text) if max_tokens is None else max_tokens,
             top_p=self.settings.top_p, repeat_penalty=self.settings.repeat_penalty,
         )
         messages, overflow = await self._build_prompt(session_id, persona, text, system_prompt,
@@ -386,7 +386,7 @@ class ConversationManager:
         summary, history = found
         kept, overflow = self._window(history, max_tokens)
         messages = self._context(persona, summary, kept, system_prompt)
-        messages.append({"role": "user", "content": text})
+        messages.append({"role": "user", "content": persona.behavior_config.user_turn(text)})
         return messages, overflow
 
     def _window(self, history: Sequence[Message],

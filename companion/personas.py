@@ -23,6 +23,16 @@ log = structlog.get_logger(__name__)
 
 SAFE_ID = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 
+# adaptive personas: the reply's token budget follows the length of what the user said
+ADAPTIVE_MIN_TOKENS = 24  # a whole short sentence ("The capital of France is Paris.") fits
+ADAPTIVE_TOKENS_PER_WORD = 4
+ADAPTIVE_BRIEF_WORDS = 8  # up to this many words, the user gets one short sentence back
+ADAPTIVE_SHORT_WORDS = 25  # up to this many, two or three sentences
+# a few words that ask for a long answer: "Tell me a story." gets the whole budget
+ASKS_FOR_MORE = re.compile(
+    r"\b(stor(y|ies)|explain|describe|tell me about|tell me more|poem|song|recipe|list|"
+    r"in detail|go on|continue)\b", re.IGNORECASE)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -52,11 +62,37 @@ class BehaviorConfig(_Strict):
     max_tokens: int = Field(96, ge=8, le=2048)
     follow_up_window_s: float = Field(5.0, ge=0.0, le=60.0)
     wake_words: list[str] = Field(default_factory=list, description="wake words that pick it")
-    adaptation_mode: Literal["static", "adaptive"] = "static"
+    adaptation_mode: Literal["static", "adaptive"] = Field(
+        "static", description="static: replies as configured; adaptive: reply length follows "
+                              "the user's (a quick question gets a quick answer)")
     allowed_commands: list[str] = Field(default_factory=lambda: ["*"])
 
     def allows(self, command: str) -> bool:
         return "*" in self.allowed_commands or command in self.allowed_commands
+
+    def reply_tokens(self, user_text: str) -> int:
+        """The reply's token budget. An adaptive persona answers a quick question quickly and
+        a long message in kind: 4 tokens per word the user said, at least ADAPTIVE_MIN_TOKENS,
+        never more than ``max_tokens``; a request for something long ("Tell me a story.")
+        gets all of ``max_tokens``. A static persona always has ``max_tokens``."""
+        if self.adaptation_mode == "static" or ASKS_FOR_MORE.search(user_text):
+            return self.max_tokens
+        words = len(user_text.split())
+        return min(self.max_tokens, max(ADAPTIVE_MIN_TOKENS, ADAPTIVE_TOKENS_PER_WORD * words))
+
+    def user_turn(self, user_text: str) -> str:
+        """The user's words as the model sees them: an adaptive persona adds how long to
+        answer, so the reply ends on a whole sentence inside its budget instead of being cut
+        off. Only the prompt's last message changes (the cached persona prefix stays valid);
+        the store keeps the words as they were said."""
+        if self.adaptation_mode == "static" or ASKS_FOR_MORE.search(user_text):
+            return user_text
+        words = len(user_text.split())
+        if words <= ADAPTIVE_BRIEF_WORDS:
+            return f"{user_text}\n(Answer in one short sentence.)"
+        if words <= ADAPTIVE_SHORT_WORDS:
+            return f"{user_text}\n(Answer in two or three sentences.)"
+        return user_text
 
 
 class Example(_Strict):
