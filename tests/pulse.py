@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tests.conftest import until_blocking
 
 
 @contextmanager
@@ -33,10 +34,9 @@ def private_pulseaudio(tmp: Path, *, rate: int = 16000) -> Iterator[dict[str, st
         check=True, env=full, capture_output=True, timeout=20,
     )
     try:
-        for _ in range(100):
-            if subprocess.run(["pactl", "info"], env=full, capture_output=True).returncode == 0:
-                break
-            time.sleep(0.05)
+        until_blocking(lambda: subprocess.run(["pactl", "info"], env=full,
+                                              capture_output=True).returncode == 0,
+                       5, "pulseaudio answers", every_s=0.05)
         subprocess.run(["pactl", "set-default-sink", "vspeaker"], env=full, check=True)
         subprocess.run(["pactl", "set-default-source", "vspeaker.monitor"], env=full, check=True)
         _reset_portaudio()

@@ -121,9 +121,7 @@ async def test_a_silent_member_costs_half_the_window_and_a_late_claim_loses():
     plane = Plane({"hall": {"a", "b", "c"}})
     plane.now = 100.0
     await plane.rounds.claim(claim("a", 20, at=100.0))  # window 200 ms: decided by 100.1
-    async with asyncio.timeout(2):
-        while not plane.sent:  # noqa: ASYNC110  the round's timer
-            await asyncio.sleep(0.01)
+    await until(lambda: plane.sent, 2, what="the round's timer decided")
     assert plane.sent == [("a", {"turn_id": "turn_a", "winner_device_id": "a"})]
     await plane.rounds.claim(claim("b", 40, at=100.15))  # better, but after the decision
     assert plane.sent[-1] == ("b", {"turn_id": "turn_b", "winner_device_id": "a"})
