@@ -4,6 +4,7 @@ after the test, pass or fail), the installed models, and the one polling helper.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -89,13 +90,17 @@ async def until(predicate: Callable[[], Any], limit_s: float = 5.0, *, what: str
                 every_s: float = 0.01, ignore: tuple[type[BaseException], ...] = ()) -> Any:
     """Poll ``predicate`` until it is truthy and return its value: for state that a callback,
     a signal handler, a background task or another process changes and that no event
-    announces. Exceptions in ``ignore`` count as "not yet" (a server still starting).
+    announces. The predicate may be a coroutine function (a store query in a thread).
+    Exceptions in ``ignore`` count as "not yet" (a server still starting).
     TimeoutError naming ``what`` after ``limit_s``."""
     try:
         async with asyncio.timeout(limit_s):
             while True:
                 try:
-                    if result := predicate():
+                    result = predicate()
+                    if inspect.isawaitable(result):
+                        result = await result
+                    if result:
                         return result
                 except ignore:
                     pass

@@ -13,7 +13,7 @@ from companion.actions.voice import VoiceCommands
 from companion.api.http import openapi_document
 from companion.events import EventType
 from scripts import gen_action_docs
-from tests.conftest import fake_app
+from tests.conftest import fake_app, until
 
 
 @pytest.fixture
@@ -152,9 +152,10 @@ async def test_a_retention_change_from_the_control_plane_expires_sessions_at_onc
             ack = await plane.wait_ack(await plane.send("dev-a", "config_update", {
                 "settings": {"storage.retention_days": 1}}))
             assert ack["ok"] and ack["applied"] == {"storage.retention_days": 1}
-            async with asyncio.timeout(5):
-                while await store.run(store.get_session, old.id) is not None:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)  # the housekeeping task owns it
+            async def expired() -> bool:  # the housekeeping task removes it
+                return await store.run(store.get_session, old.id) is None
+
+            await until(expired, 5, what="the expired session removed")
         finally:
             housekeeping.cancel()
             await asyncio.gather(housekeeping, return_exceptions=True)

@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from companion.api.http import make_http_app
+from tests.conftest import until
 from tests.control_helpers import control_plane, linked_device, url
 from tests.fakes import FakeChatModel
 from tests.http_helpers import parse_sse, start_api
@@ -71,8 +72,7 @@ async def test_state_shows_since_when_the_real_control_link_is_up(aiohttp_client
         assert cp["since"] is not None and cp["since"].endswith("Z")
         assert cp["retries"] == 0 and cp["outbox_depth"] == link.status.outbox_depth
         await plane.stop()  # the link goes down: offline, since cleared
+        await until(lambda: not link.status.connected, what="the link down")
         async with asyncio.timeout(5):
-            while link.status.connected:  # noqa: ASYNC110  state owned by the link task
-                await asyncio.sleep(0.01)
             body = await (await client.get("/v1/state")).json()
         assert body["status"] == "offline" and body["control_plane"]["since"] is None
