@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document, generated from the route table and its pydantic models.
 
-Nothing here is written by hand per endpoint: each ``Route`` (see ``companion.api.http``) names
+Nothing here is written by hand per endpoint: each ``Route`` (see ``companion.api.common``) names
 its request model, response model, media type and the error statuses it can answer, and
 pydantic's ``models_json_schema`` turns the models into ``components.schemas``. pydantic 2 emits
 JSON Schema 2020-12, which is what OpenAPI 3.1 uses, so the schemas go in unchanged.
