@@ -9,9 +9,13 @@ synthesis took 0.40 s inside the pipeline against 0.07-0.26 s alone before the g
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
+from typing import Any
 
 
 class ComputeGate:
@@ -41,6 +45,111 @@ class ComputeGate:
     @property
     def busy(self) -> bool:
         return self._open_sections > 0
+
+
+class WorkerClosedError(RuntimeError):
+    """The worker was closed before the job could run."""
+
+
+class PriorityWorker:
+    """One thread that runs submitted jobs one at a time, lowest priority number first (FIFO
+    among equals), and lets a running job step aside for more urgent ones.
+
+    llama.cpp must be called from one thread only (see ``LlamaCppChatModel``), so a reply the
+    user waits for cannot run beside a long background generation: it has to go first. A job
+    that takes long asks ``more_urgent(its_priority)`` between steps and, if so, calls
+    ``run_more_urgent(its_priority)``, which runs those jobs here and now, on this same thread,
+    before the job goes on."""
+
+    def __init__(self, name: str, *, initializer: Callable[[], None] | None = None) -> None:
+        self._changed = threading.Condition()
+        self._queue: list[tuple[int, int, Future, Callable[[], Any]]] = []
+        self._order = itertools.count()
+        self._closed = False
+        self._running: list[int] = []  # priorities of the jobs under way, innermost last
+        self._thread = threading.Thread(target=self._serve, args=(initializer,), name=name,
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, priority: int, fn: Callable[[], Any]) -> Future:
+        """Queue ``fn``; its result (or exception) arrives on the returned future."""
+        future: Future = Future()
+        with self._changed:
+            if self._closed:
+                raise WorkerClosedError(f"{self._thread.name}: closed")
+            heapq.heappush(self._queue, (int(priority), next(self._order), future, fn))
+            self._changed.notify()
+        return future
+
+    def more_urgent(self, priority: int) -> bool:
+        """True when a job with a lower priority number than ``priority`` is waiting."""
+        with self._changed:
+            return bool(self._queue) and self._queue[0][0] < priority
+
+    def run_more_urgent(self, priority: int) -> int:
+        """Run every waiting job more urgent than ``priority`` (call on the worker thread, from
+        inside a job). Returns how many ran."""
+        assert threading.current_thread() is self._thread, "only a running job steps aside"
+        ran = 0
+        while (job := self._pop(lambda p: p < priority, wait=False)) is not None:
+            self._run(*job)
+            ran += 1
+        return ran
+
+    @property
+    def running(self) -> int | None:
+        """The priority of the job that has the thread now (None: idle)."""
+        running = self._running
+        return running[-1] if running else None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Refuse new jobs, cancel the queued ones, and wait for the running one to end (a
+        long job should check ``closed`` between steps)."""
+        with self._changed:
+            self._closed = True
+            queued, self._queue = self._queue, []
+            self._changed.notify_all()
+        for _, _, future, _ in queued:
+            future.cancel()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    def _pop(self, accept: Callable[[int], bool], *, wait: bool):
+        with self._changed:
+            while True:
+                if self._queue and accept(self._queue[0][0]):
+                    priority, _, future, fn = heapq.heappop(self._queue)
+                    return priority, future, fn
+                if self._closed or not wait:
+                    return None
+                self._changed.wait()
+
+    def _serve(self, initializer: Callable[[], None] | None) -> None:
+        if initializer is not None:
+            initializer()
+        while (job := self._pop(lambda p: True, wait=True)) is not None:
+            self._run(*job)
+
+    def _run(self, priority: int, future: Future, fn: Callable[[], Any]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        self._running.append(priority)
+        try:
+            result = fn()
+        except BaseException as exc:  # the submitter raises it
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        finally:
+            self._running.pop()
 
 
 def quiet_onnx_session_options(threads: int):

@@ -6,15 +6,21 @@ next token. llama.cpp keeps the evaluated prompt of the previous call and re-eva
 follows the longest common token prefix, so a persona prompt at the start of every prompt is read
 once, not every turn. A saved state per persona (``warm_prefix``) keeps that true across persona
 switches: each turn restores the kept state that shares the most tokens with its prompt.
+
+All llama.cpp work runs on that one thread in order of ``Priority``: a voice turn goes before an
+HTTP chat, which goes before background work. A running generation or warm-up steps aside at its
+next token (or chunk of prompt) when more urgent work arrives: it keeps its llama.cpp state, runs
+that work on the same thread, restores its state and goes on where it was.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Literal, Protocol, TypedDict
@@ -22,7 +28,7 @@ from typing import Any, Literal, Protocol, TypedDict
 import numpy as np
 import structlog
 
-from companion.compute import ComputeGate
+from companion.compute import ComputeGate, PriorityWorker, WorkerClosedError
 from companion.models import ModelRegistry
 from companion.settings import LlmSettings
 
@@ -87,12 +93,11 @@ class PrefixCachingChatModel(ChatModel, Protocol):
     async def warm_prefix(self, key: str, messages: list[ChatMessage], *,
                           priority: Priority = Priority.BACKGROUND) -> None: ...
 
-    def load_prefix(self, key: str) -> bool: ...
-
     def has_prefix(self, key: str) -> bool: ...
 
 
 _DONE = object()
+WARM_CHUNK_TOKENS = 64  # a warm-up steps aside for urgent work after at most this many tokens
 
 
 class LlamaCppChatModel:
@@ -127,16 +132,15 @@ class LlamaCppChatModel:
         self._prompt_format = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
         self._prefix_format = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos,
                                                   add_generation_prompt=False)
-        self._lock = threading.Lock()  # llama.cpp: one call at a time
-        # ...and always from the same thread: llama.cpp's OpenMP keeps a worker team per calling
-        # thread, and a second team sometimes lands on the first one's core, where ggml's
-        # spinning barriers make every token ~3x slower (measured: 245 ms vs 460 ms to the first
-        # sentence, bimodal, only when a second executor thread made the call).
-        # It also runs at a lower priority (nice), inherited by the OpenMP workers it creates:
-        # the event loop (microphone pump, HTTP) gets a core at once while the LLM writes.
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama",
-                                          initializer=_lower_thread_priority,
-                                          initargs=(settings.nice,))
+        # llama.cpp: one call at a time, and always from the same thread: llama.cpp's OpenMP
+        # keeps a worker team per calling thread, and a second team sometimes lands on the first
+        # one's core, where ggml's spinning barriers make every token ~3x slower (measured:
+        # 245 ms vs 460 ms to the first sentence, bimodal, only when a second executor thread
+        # made the call). The thread runs at a lower priority (nice), inherited by the OpenMP
+        # workers it creates: the event loop (microphone pump, HTTP) gets a core at once while
+        # the LLM writes. Tokenizing alone (count_tokens) is read-only and may run anywhere.
+        self._worker = PriorityWorker(
+            "llama", initializer=functools.partial(_lower_thread_priority, settings.nice))
         self._prefix_states: OrderedDict[str, Any] = OrderedDict()
         self._prefix_cache_size = settings.prefix_cache_size  # ~23 kB per prompt token (135M)
         self.last_prompt_eval_tokens = 0  # tokens llama.cpp had to evaluate for the last prompt
@@ -145,7 +149,12 @@ class LlamaCppChatModel:
         return self._llama.detokenize([token], special=True).decode(errors="ignore")
 
     def count_tokens(self, text: str) -> int:
-        return len(self._llama.tokenize(text.encode(), add_bos=False, special=True))
+        """Tokenizing reads only the vocabulary: safe beside a generation, on any thread (but
+        not free: callers on the event loop run it in a worker thread)."""
+        return len(self._tokenize(text))
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self._llama.tokenize(text.encode(), add_bos=False, special=True)
 
     async def stream(
         self, messages: list[ChatMessage], params: SamplingParams,
@@ -162,14 +171,15 @@ class LlamaCppChatModel:
 
         def work() -> None:
             try:
-                for delta in self._generate(messages, params, stats, cancel):
+                for delta in self._generate(messages, params, stats, cancel, Priority(priority)):
                     put(delta)
             except BaseException as exc:  # handed to the consumer, raised there
                 put(exc)
             finally:
                 put(_DONE)
 
-        worker = asyncio.ensure_future(loop.run_in_executor(self._thread, work))
+        job = self._submit(priority, work)
+        job.add_done_callback(functools.partial(_report_cancelled, put))
         try:
             while True:
                 item = await queue.get()
@@ -182,7 +192,30 @@ class LlamaCppChatModel:
                 yield item  # type: ignore[misc]
         finally:
             cancel.set()
-            await asyncio.shield(worker)
+            if not job.cancel():  # running: it stops at its next token
+                await asyncio.shield(asyncio.wrap_future(job))
+
+    @property
+    def busy_with(self) -> Priority | None:
+        """The priority of the work llama.cpp is doing now (None: idle)."""
+        running = self._worker.running
+        return None if running is None else Priority(running)
+
+    def _submit(self, priority: Priority, fn: Callable[[], Any]) -> Future:
+        try:
+            return self._worker.submit(priority, fn)
+        except WorkerClosedError as exc:
+            raise RuntimeError(f"{self.model_name}: the language model is closed") from exc
+
+    async def _run(self, priority: Priority, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.wrap_future(self._submit(priority, functools.partial(fn, *args)))
+
+    def close(self) -> None:
+        """Stop the llama thread (a running generation ends at its next token, queued work is
+        cancelled) and free the model. App.aclose calls it in a worker thread."""
+        self._worker.close()
+        self._prefix_states.clear()
+        self._llama.close()
 
     def prompt_tokens(self, messages: list[ChatMessage]) -> tuple[list[int], list[str]]:
         """The tokens llama.cpp evaluates for ``messages`` and the template's stop strings."""
@@ -194,24 +227,32 @@ class LlamaCppChatModel:
 
     def _generate(
         self, messages: list[ChatMessage], params: SamplingParams, stats: GenerationStats,
-        cancel: threading.Event,
+        cancel: threading.Event, priority: Priority,
     ) -> Iterator[str]:
+        """Runs on the llama thread. When more urgent work waits, the generation keeps its
+        state, lets that work run, restores the state and continues from the text it has
+        given so far (llama.cpp then evaluates only the few tokens it had not yet)."""
+        if cancel.is_set():
+            stats.finish_reason = "cancelled"
+            return
         tokens, stop = self.prompt_tokens(messages)
-        with self._lock:
-            reused = self._restore_best_prefix(tokens)
-            stats.prompt_tokens = len(tokens)
-            stats.prefix_reused = reused > 0
-            stats.cached_prompt_tokens = reused
-            self.last_prompt_eval_tokens = len(tokens) - reused
+        stats.prompt_tokens = len(tokens)
+        reused = self._restore_best_prefix(tokens)
+        stats.prefix_reused = reused > 0
+        stats.cached_prompt_tokens = reused
+        self.last_prompt_eval_tokens = len(tokens) - reused
+        text: list[str] = []
+        prompt, max_tokens = tokens, params.max_tokens
+        while True:
             chunks = self._llama.create_completion(
-                prompt=tokens, stream=True, temperature=params.temperature,
+                prompt=prompt, stream=True, temperature=params.temperature,
                 top_p=params.top_p, repeat_penalty=params.repeat_penalty,
-                max_tokens=params.max_tokens, stop=[*stop, *params.stop] or None,
+                max_tokens=max_tokens, stop=[*stop, *params.stop] or None,
             )
-            text: list[str] = []
+            step_aside = False
             try:
                 for chunk in chunks:
-                    if cancel.is_set():
+                    if cancel.is_set() or self._worker.closed:
                         stats.finish_reason = "cancelled"
                         break
                     # the next token waits while speech the user is waiting for is synthesized
@@ -222,17 +263,37 @@ class LlamaCppChatModel:
                         yield choice["text"]
                     if choice.get("finish_reason"):
                         stats.finish_reason = choice["finish_reason"]
+                    elif self._worker.more_urgent(priority):
+                        step_aside = True
+                        break
             finally:
                 chunks.close()  # type: ignore[union-attr]
-            stats.completion_tokens = self.count_tokens("".join(text))
+            if not step_aside:
+                break
+            written = self._tokenize("".join(text))
+            max_tokens = params.max_tokens - len(written)
+            if max_tokens <= 0:
+                stats.finish_reason = "length"
+                break
+            self._step_aside(priority)
+            prompt = tokens + written
+            self._restore_best_prefix(prompt)
+        stats.completion_tokens = self.count_tokens("".join(text))
+
+    def _step_aside(self, priority: Priority) -> None:
+        """Let more urgent work run now, on this thread, keeping this job's llama.cpp state."""
+        saved = self._save_state()
+        ran = self._worker.run_more_urgent(priority)
+        self._llama.load_state(saved)
+        log.debug("llm work stepped aside", priority=priority.name, ran=ran)
 
     def _restore_best_prefix(self, tokens: list[int]) -> int:
         """Load the kept state that shares the most leading tokens with ``tokens`` when it
         beats what llama.cpp holds now; returns how many prompt tokens need no evaluation.
-        Call with the lock held."""
+        Call on the llama thread."""
         current = _common_prefix(self._llama.input_ids[: self._llama.n_tokens], tokens)
         best_key, best = None, current
-        for key, state in self._prefix_states.items():
+        for key, state in list(self._prefix_states.items()):
             shared = _common_prefix(state.input_ids[: state.n_tokens], tokens)
             if shared > best:
                 best_key, best = key, shared
@@ -248,23 +309,30 @@ class LlamaCppChatModel:
                           priority: Priority = Priority.BACKGROUND) -> None:
         """Evaluate ``messages`` (a persona's system prompt) and keep llama.cpp's state under
         ``key``: a later turn that starts with them re-uses it instead of re-reading them."""
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._warm_prefix, key, messages)
+        await self._run(priority, self._warm_prefix, key, messages, Priority(priority))
 
-    def _warm_prefix(self, key: str, messages: list[ChatMessage]) -> None:
+    def _warm_prefix(self, key: str, messages: list[ChatMessage], priority: Priority) -> None:
+        """Evaluate in chunks, so more urgent work waits for one chunk, not the whole prompt."""
         tokens = self.prefix_tokens(messages)
-        with self._lock:
+        while True:
             held = _common_prefix(self._llama.input_ids[: self._llama.n_tokens], tokens)
             if held == 0:
                 self._llama.reset()
             elif self._llama.n_tokens > held:  # keep what is already evaluated, drop the rest
                 self._llama._ctx.kv_cache_seq_rm(-1, held, -1)
                 self._llama.n_tokens = held
-            if held < len(tokens):
-                self._llama.eval(tokens[held:])
-            self._prefix_states[key] = self._save_state()
-            self._prefix_states.move_to_end(key)
-            while len(self._prefix_states) > self._prefix_cache_size:
-                self._prefix_states.popitem(last=False)
+            if held >= len(tokens) or self._worker.closed:
+                break
+            if self._worker.more_urgent(priority):
+                self._step_aside(priority)
+                continue
+            self._llama.eval(tokens[held: held + WARM_CHUNK_TOKENS])
+        if self._worker.closed:
+            return
+        self._prefix_states[key] = self._save_state()
+        self._prefix_states.move_to_end(key)
+        while len(self._prefix_states) > self._prefix_cache_size:
+            self._prefix_states.popitem(last=False)
 
     def _save_state(self) -> Any:
         """llama.cpp's state without llama-cpp-python's per-token logits copy (n_tokens × vocab
@@ -286,22 +354,8 @@ class LlamaCppChatModel:
             llama_state_size=written, seed=self._llama._seed,
         )
 
-    def load_prefix(self, key: str) -> bool:
-        """Restore the state kept for ``key`` now; False when there is none. Optional: a turn
-        restores the best matching state by itself."""
-        state = self._prefix_states.get(key)
-        if state is None:
-            return False
-        with self._lock:
-            self._llama.load_state(state)
-        self._prefix_states.move_to_end(key)
-        return True
-
     def has_prefix(self, key: str) -> bool:
         return key in self._prefix_states
-
-    def drop_prefix(self, key: str) -> None:
-        self._prefix_states.pop(key, None)
 
     @property
     def prefix_keys(self) -> list[str]:
@@ -309,7 +363,8 @@ class LlamaCppChatModel:
 
     @property
     def prefix_bytes(self) -> int:
-        return sum(s.llama_state_size + s.scores.nbytes for s in self._prefix_states.values())
+        return sum(s.llama_state_size + s.scores.nbytes
+                   for s in list(self._prefix_states.values()))
 
     def prefix_tokens(self, messages: list[ChatMessage]) -> list[int]:
         """The tokens that start every prompt beginning with ``messages``: the formatted chat
@@ -317,6 +372,16 @@ class LlamaCppChatModel:
         result = self._prefix_format(messages=list(messages))
         return self._llama.tokenize(result.prompt.encode(), add_bos=not result.added_special,
                                     special=True)
+
+
+def _report_cancelled(put: Callable[[object], None], job: Future) -> None:
+    """A job cancelled before it ran (the model was closed) ends its stream with an error."""
+    if job.cancelled():
+        try:
+            put(RuntimeError("the language model was closed before this reply started"))
+            put(_DONE)
+        except RuntimeError:  # the event loop is gone: nobody is waiting
+            pass
 
 
 def _common_prefix(held: Any, tokens: list[int]) -> int:
