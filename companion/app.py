@@ -91,6 +91,8 @@ class App:
         self.store = parts.store or Store(settings.db_path)
         self.ready = asyncio.Event()
         self._housekeeping_due = asyncio.Event()
+        self.http_listening = asyncio.Event()  # set by serve_http once it accepts connections
+        self._http_task: asyncio.Task | None = None
         self.load_error: str | None = None
         # built by start()
         self.personas: PersonaLibrary
@@ -130,9 +132,10 @@ class App:
                 llm=self.llm, store=self.store, personas=self.personas, settings=s.llm,
                 bus=self.bus, default_persona=s.personas.default,
             )
+            await self.conversation.start()
         sink = p.sink
         if sink is None and self.features.audio_devices:
-            sink = self._open_audio("audio_out", lambda: _real_sink(s))
+            sink = await self._open_audio("audio_out", lambda: _real_sink(s))
         elif sink is not None:
             self.status.set_component("audio_out", True, sink.name)
         self.sink = sink
@@ -149,7 +152,7 @@ class App:
     async def _start_voice(self, p: Parts, s: CompanionSettings) -> None:
         source = p.source
         if source is None and self.features.audio_devices:
-            source = self._open_audio("audio_in", lambda: _real_source(s))
+            source = await self._open_audio("audio_in", lambda: _real_source(s))
         elif source is not None:
             self.status.set_component("audio_in", True, source.name)
         if source is None:
@@ -185,15 +188,29 @@ class App:
         log.info("component ready", component=component, detail=name, load_ms=round(took, 1))
         return value
 
-    def _open_audio(self, component: str, build):
+    async def _open_audio(self, component: str, build):
+        """Probe and open a sound device in a worker thread (PortAudio can take a second to
+        start and enumerate), and only once the HTTP API serves: /health never waits on it."""
+        await self._http_started()
         try:
-            device = build()
+            device = await asyncio.to_thread(build)
         except AudioUnavailableError as exc:
             self.status.set_component(component, False, str(exc))
             log.warning("audio device unavailable", component=component, error=str(exc))
             return None
         self.status.set_component(component, True, device.name)
         return device
+
+    async def _http_started(self) -> None:
+        """Return when the HTTP API listens, or at once when run() serves none (or it failed)."""
+        task = self._http_task
+        if task is None or task.done() or self.http_listening.is_set():
+            return
+        listening = asyncio.ensure_future(self.http_listening.wait())
+        try:
+            await asyncio.wait([task, listening], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            listening.cancel()
 
     # --- running ------------------------------------------------------------------------------------
 
@@ -207,7 +224,7 @@ class App:
             if self.features.http:
                 from companion.api.http import serve_http
 
-                group.create_task(serve_http(self), name="http")
+                self._http_task = group.create_task(serve_http(self), name="http")
             try:
                 await self.start()
             except Exception:
@@ -356,11 +373,18 @@ def install_signal_handlers(app: App, main_task: asyncio.Task) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, main_task.cancel)
 
-    def reload() -> None:
-        errors = app.reload_personas()
+    reloading: set[asyncio.Task] = set()
+
+    async def reload() -> None:
+        errors = await asyncio.to_thread(app.reload_personas)  # reads and parses files
         log.info("personas reloaded", errors=errors)
 
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    def on_sighup() -> None:
+        task = loop.create_task(reload(), name="reload-personas")
+        reloading.add(task)  # kept until done, so it is not garbage-collected early
+        task.add_done_callback(reloading.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
 
 
 # --- the real implementations -------------------------------------------------------------------

@@ -73,7 +73,7 @@ class SwitchResult:
     preserved_context: bool
     voice: VoiceParams = field(default_factory=VoiceParams)  # the new persona's voice
     transition_message: str | None = None  # what the caller should say, in ``voice``
-    prefix_was_warm: bool = True  # False: the switch had to evaluate the persona prompt
+    prefix_was_warm: bool = True  # False: the persona prompt is evaluated after the switch
 
     def as_dict(self) -> dict:
         return {"success": True, "previous_persona_id": self.previous_persona_id,
@@ -138,16 +138,24 @@ class ConversationManager:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             self._loop = None
-        stored = store.get_value(ACTIVE_PERSONA_KEY)
-        if stored not in personas:
-            stored = default_persona if default_persona in personas else (personas.ids() or [None])[0]
-        if stored is None:
+        first = default_persona if default_persona in personas else (personas.ids() or [None])[0]
+        if first is None:
             raise PersonaNotFoundError("no valid persona in the library")
-        self.active_persona_id: str = stored
-        self.active_session_id: str | None = store.get_value(ACTIVE_SESSION_KEY)
-        if self.active_session_id and store.get_session(self.active_session_id,
-                                                        with_messages=False) is None:
-            self.active_session_id = None
+        self.active_persona_id: str = first  # until start() reads the stored one
+        self.active_session_id: str | None = None
+
+    async def start(self) -> None:
+        """Take up the persona and session that were active before the restart (read in a
+        worker thread: the event loop never waits on the disk)."""
+        def read() -> tuple[str | None, str | None]:
+            session_id = self.store.get_value(ACTIVE_SESSION_KEY)
+            if session_id and self.store.get_session(session_id, with_messages=False) is None:
+                session_id = None
+            return self.store.get_value(ACTIVE_PERSONA_KEY), session_id
+
+        persona_id, self.active_session_id = await self.store.run(read)
+        if persona_id in self.personas:
+            self.active_persona_id = persona_id
 
     # --- personas -----------------------------------------------------------------------------
 
@@ -177,20 +185,21 @@ class ConversationManager:
         has = getattr(self.llm, "has_prefix", None)
         return persona is not None and has is not None and has(self._prefix_key(persona))
 
-    async def _warm(self, persona: Persona) -> bool:
+    async def _warm(self, persona: Persona, priority: Priority = Priority.BACKGROUND) -> bool:
         """Evaluate the persona's prompt unless the LLM keeps it; True if it had to."""
         warm = getattr(self.llm, "warm_prefix", None)
         if warm is None or self.prefix_ready(persona.id):
             return False
         started = time.perf_counter()
-        await warm(self._prefix_key(persona), self.persona_messages(persona))
+        await warm(self._prefix_key(persona), self.persona_messages(persona), priority=priority)
         log.info("persona prompt evaluated", persona_id=persona.id,
                  took_ms=round((time.perf_counter() - started) * 1000, 1))
         return True
 
     async def warm_personas(self) -> None:
         """Evaluate every persona's prompt once, in the background at start (active one
-        first), so neither a switch nor a first turn waits for the LLM to read it."""
+        first), so a first turn does not wait for the LLM to read it. At BACKGROUND priority:
+        a turn, or the warm-up after a switch, goes first."""
         for persona in [self.active_persona, *self.personas.all()]:
             await self._warm(persona)
 
@@ -225,28 +234,31 @@ class ConversationManager:
         """Make ``target_id`` the persona of the next turn: prompt, voice and behaviour change
         together under the lock (a turn already streaming finishes as it began).
         ``preserve_context`` keeps the session; otherwise a new one starts. The caller speaks
-        ``result.transition_message`` in ``result.voice`` (see ``announce_switch``)."""
+        ``result.transition_message`` in ``result.voice`` (see ``announce_switch``).
+
+        The switch never waits for the LLM: the new persona's prompt (and the kept history
+        under it) is evaluated afterwards, ahead of background work, while the transition
+        message plays; a turn that comes sooner re-uses whatever part is evaluated."""
         started = time.perf_counter()
         async with self._switch_lock:
             target = self.personas.get(target_id)
             if target is None:
                 raise PersonaNotFoundError(f"unknown persona {target_id!r}")
             previous = self.active_persona_id
-            evaluated = await self._warm(target)
+            was_warm = self.prefix_ready(target.id)
             session_id = await self._session_after_switch(target.id, preserve_context)
             self.active_persona_id = target.id
             await self.store.run(self.store.set_value, ACTIVE_PERSONA_KEY, target.id)
-            if preserve_context:  # the kept history under the new prompt: read it ahead
-                self._prepare_in_background(session_id, target)
+            self._prepare_in_background(session_id if preserve_context else None, target)
         latency_ms = (time.perf_counter() - started) * 1000
         self.bus.emit(EventType.PERSONA_SWITCHED, previous=previous, persona_id=target.id,
                       session_id=session_id, latency_ms=latency_ms,
                       preserve_context=preserve_context)
         log.info("persona switched", previous=previous, persona_id=target.id,
-                 latency_ms=round(latency_ms, 1), cold=evaluated)
+                 latency_ms=round(latency_ms, 1), cold=not was_warm)
         return SwitchResult(previous, target.id, session_id, latency_ms, preserve_context,
                             target.voice_config.params(), transition_message or None,
-                            not evaluated)
+                            was_warm)
 
     async def _session_after_switch(self, persona_id: str, preserve: bool) -> str:
         if preserve and self.active_session_id:
@@ -346,8 +358,9 @@ class ConversationManager:
                    "prompt_tokens": reply.stats.prompt_tokens,
                    "cached_prompt_tokens": reply.stats.cached_prompt_tokens,
                    **(latency or {})}
-        user_tokens = self.llm.count_tokens(text)
-        reply_tokens = reply.stats.completion_tokens or self.llm.count_tokens(reply.text)
+        user_tokens, reply_tokens = await asyncio.to_thread(
+            lambda: (self.llm.count_tokens(text),
+                     reply.stats.completion_tokens or self.llm.count_tokens(reply.text)))
         await self.store.run(
             lambda: self.store.record_turn(
                 session_id, turn_id, text, reply.text, persona_id=persona.id, source=source,
@@ -384,7 +397,7 @@ class ConversationManager:
         if found is None:
             raise SessionNotFoundError(f"no conversation {session_id!r}")
         summary, history = found
-        kept, overflow = self._window(history, max_tokens)
+        kept, overflow = await asyncio.to_thread(self._window, history, max_tokens)
         messages = self._context(persona, summary, kept, system_prompt)
         messages.append({"role": "user", "content": persona.behavior_config.user_turn(text)})
         return messages, overflow
@@ -418,7 +431,8 @@ class ConversationManager:
         messages.extend({"role": m.role, "content": m.content} for m in kept)  # type: ignore[misc]
         return messages
 
-    async def prepare_next_turn(self, session_id: str, persona: Persona | None = None) -> bool:
+    async def prepare_next_turn(self, session_id: str, persona: Persona | None = None, *,
+                                priority: Priority = Priority.BACKGROUND) -> bool:
         """Evaluate the next turn's context (persona prompt, summary, kept history) now, while
         the user is listening or thinking, so the turn reads only its new words. Used after a
         summary changed the prompt's start and after a switch that keeps the history."""
@@ -428,21 +442,31 @@ class ConversationManager:
             return False
         summary, history = found
         persona = persona or self.active_persona
-        kept, _ = self._window(history, persona.behavior_config.max_tokens)
+        kept, _ = await asyncio.to_thread(self._window, history,
+                                          persona.behavior_config.max_tokens)
         if not summary and not kept:
             return False  # the persona's own prefix state covers it
-        await warm(NEXT_TURN_KEY, self._context(persona, summary, kept))
+        await warm(NEXT_TURN_KEY, self._context(persona, summary, kept), priority=priority)
         return True
 
-    def _prepare_in_background(self, session_id: str, persona: Persona) -> None:
+    def _prepare_in_background(self, session_id: str | None, persona: Persona) -> None:
+        """After a switch: the persona's prompt, then (``session_id``) the kept history under
+        it, at INTERACTIVE priority (before the warm-up of other personas)."""
         if self._preparing is not None and not self._preparing.done():
             self._preparing.cancel()
         self._preparing = asyncio.create_task(self._prepare_quietly(session_id, persona),
                                               name="prepare-next-turn")
 
-    async def _prepare_quietly(self, session_id: str, persona: Persona) -> None:
+    async def wait_prepared(self) -> None:
+        """Wait for the evaluation that follows a switch (benchmarks, tests)."""
+        if self._preparing is not None:
+            await asyncio.wait([self._preparing])
+
+    async def _prepare_quietly(self, session_id: str | None, persona: Persona) -> None:
         try:
-            await self.prepare_next_turn(session_id, persona)
+            await self._warm(persona, Priority.INTERACTIVE)
+            if session_id is not None:
+                await self.prepare_next_turn(session_id, persona, priority=Priority.INTERACTIVE)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -477,25 +501,32 @@ class ConversationManager:
             if found is None:
                 return changed
             summary, history = found
-            _, overflow = fit_history(history, keep_budget, self.llm.count_tokens)
-            if not overflow:
+            chunk = await asyncio.to_thread(self._summary_chunk, history, keep_budget)
+            if not chunk:
                 if changed and session_id == self.active_session_id:
                     await self.prepare_next_turn(session_id)
                 return changed
-            chunk, used = [], 0
-            for message in overflow:  # the oldest first, a bounded piece per LLM call
-                used += message_tokens(message, self.llm.count_tokens)
-                if chunk and used > SUMMARY_CHUNK_TOKENS:
-                    break
-                chunk.append(message)
-            while len(chunk) > 1 and chunk[-1].role == "user":  # fold whole turns
-                chunk.pop()
             new_summary = await self._write_summary(summary, chunk)
             if not new_summary:
                 return changed
             await self.store.run(self.store.set_summary, session_id, new_summary, chunk[-1].id)
             changed = True
             log.info("session summarized", session_id=session_id, folded=len(chunk))
+
+    def _summary_chunk(self, history: Sequence[Message], keep_budget: int) -> list[Message]:
+        """The oldest whole turns to fold next (a bounded piece per LLM call); [] when the
+        rest fits ``keep_budget``. Counts tokens: call in a worker thread."""
+        _, overflow = fit_history(history, keep_budget, self.llm.count_tokens)
+        chunk: list[Message] = []
+        used = 0
+        for message in overflow:
+            used += message_tokens(message, self.llm.count_tokens)
+            if chunk and used > SUMMARY_CHUNK_TOKENS:
+                break
+            chunk.append(message)
+        while len(chunk) > 1 and chunk[-1].role == "user":  # fold whole turns
+            chunk.pop()
+        return chunk
 
     async def _write_summary(self, summary: str, chunk: Sequence[Message]) -> str:
         transcript = "\n".join(f"{m.role}: {m.content}" for m in chunk)

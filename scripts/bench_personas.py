@@ -1,7 +1,12 @@
 """Benchmark personas and memory on the real LLM (and TTS): prints one JSON document.
 
-    .venv/bin/python scripts/bench_personas.py [--repeat 3] [--out bench.json]
+    .venv/bin/python scripts/bench_personas.py [--repeat 3] [--quick] [--out bench.json]
 
+- switch right after start, measured from outside: the daemon's API (real SmolLM2 + piper, no
+  audio devices, the background persona warm-up on as in `companion run`) in a child process;
+  as soon as /ready says ready, one chat, then POST /v1/personas/switch (round trip; target
+  < 300 ms), then the first chat in the new persona (its first SSE delta: the prompt the switch
+  did not wait for is read by then, or by this turn);
 - switch latency (request -> ready for the next turn), cold (persona prompt not evaluated yet)
   and warm (its llama.cpp state kept), per persona; and the piper voice load, cold vs cached;
 - time to first token of a turn with a ~400-token persona prompt, with the kept prefix vs
@@ -16,9 +21,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -72,6 +80,10 @@ max_tokens = 48
 '''
 
 QUESTION = "When is lunch served?"
+SWITCH_TARGET = "medication_nurse"  # not the default persona: its prompt is not read first
+SWITCH_TARGET_MS = 300
+GROWTH = (0, 10, 25, 50, 100, 200)  # history turns at each checkpoint
+GROWTH_QUICK = (0, 10)
 
 
 def _median(values: list[float]) -> float:
@@ -94,7 +106,7 @@ def _forget_llm_state(llm) -> dict:
     return kept
 
 
-async def bench(repeat: int) -> dict:
+async def bench(repeat: int, growth_points: tuple[int, ...] = GROWTH) -> dict:
     from companion.stages.llm import LlamaCppChatModel
     from companion.stages.tts import PiperSynthesizer
 
@@ -115,19 +127,26 @@ async def bench(repeat: int) -> dict:
         store = Store(tmp / "bench.db")
         cm = ConversationManager(llm=llm, store=store, personas=library, settings=settings.llm,
                                  bus=EventBus(), default_persona="companion")
+        await cm.start()
         report: dict = {"machine": {"python": platform.python_version(), "cpu": platform.processor()
                                     or platform.machine(), "threads": settings.llm.threads},
                         "model": llm.model_name, "llm_load_ms": round(llm_load_ms, 1)}
 
-        # 1. switch latency: cold (prompt not evaluated yet) and warm (state kept)
+        # 1. switch latency: cold (prompt not evaluated yet; the switch does not wait for it,
+        # prompt_ready is when its evaluation after the switch is done) and warm (state kept)
         targets = ["medication_nurse", "entertainer", "companion", "care_guide"]
         cold: dict[str, list[float]] = {t: [] for t in targets}
+        ready: dict[str, list[float]] = {t: [] for t in targets}
         warm: dict[str, list[float]] = {t: [] for t in targets}
         for _ in range(repeat):
             _forget_llm_state(llm)
             for target in targets:
-                cold[target].append((await cm.switch_persona(target, preserve_context=True))
-                                    .switch_latency_ms)
+                started = time.perf_counter()
+                result = await cm.switch_persona(target, preserve_context=True)
+                assert not result.prefix_was_warm
+                cold[target].append(result.switch_latency_ms)
+                await cm.wait_prepared()
+                ready[target].append((time.perf_counter() - started) * 1000)
             for target in targets:
                 result = await cm.switch_persona(target, preserve_context=True)
                 assert result.prefix_was_warm
@@ -147,6 +166,7 @@ async def bench(repeat: int) -> dict:
         report["switch"] = {
             "persona_prompt_tokens": prompt_tokens,
             "cold_ms": {t: _median(v) for t, v in cold.items()},
+            "cold_prompt_ready_ms": {t: _median(v) for t, v in ready.items()},
             "warm_ms": {t: _median(v) for t, v in warm.items()},
             "voice_load_cold_ms": _median(voice_cold), "voice_load_cached_ms": _median(voice_cached),
             "prefix_states_bytes": llm.prefix_bytes,
@@ -178,7 +198,7 @@ async def bench(repeat: int) -> dict:
         sid = await cm.active_session()
         growth = []
         have = 0
-        for target in (0, 10, 25, 50, 100, 200):
+        for target in growth_points:
             for i in range(have, target):  # pre-fill the turns a conversation would have had
                 store.record_turn(sid, f"fill{i}", f"Tell me something about topic number {i}, "
                                   "and what the weather might be like later today.",
@@ -210,20 +230,120 @@ async def bench(repeat: int) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main() -> None:
+# --- switch right after start (the daemon's API in a child process) ---------------------------
+
+
+async def _serve(port: int, data_dir: str) -> None:
+    from companion.app import Features, build_app
+    from companion.log import configure_logging
+
+    settings = CompanionSettings(
+        device_id="bench", data_dir=Path(data_dir), log_level="warning",
+        api={"host": "127.0.0.1", "port": port, "rate_limit_per_minute": 1_000_000},
+        gpio={"enabled": False})
+    configure_logging("warning", "console")
+    app = build_app(settings, features=Features(audio_devices=False, voice_loop=False,
+                                                control=False, gpio=False))
+    try:
+        await app.run()
+    finally:
+        await app.aclose()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def _first_delta_ms(session, base: str, message: str) -> float:
+    started = time.perf_counter()
+    first = None
+    async with session.post(f"{base}/v1/chat/stream", json={"message": message}) as r:
+        r.raise_for_status()
+        async for line in r.content:
+            if first is None and line.startswith(b"data:"):
+                first = time.perf_counter()
+    return ((first or time.perf_counter()) - started) * 1000
+
+
+async def _switch_after_start_once(base: str) -> dict:
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        deadline = time.perf_counter() + 120
+        while True:  # ready as soon as the models are loaded; warm-up runs on in the background
+            try:
+                async with session.get(f"{base}/ready") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                pass
+            if time.perf_counter() > deadline:
+                raise TimeoutError("the API never became ready")
+            await asyncio.sleep(0.05)
+        chat_started = time.perf_counter()
+        async with session.post(f"{base}/v1/chat", json={"message": "Hello there!"}) as r:
+            r.raise_for_status()
+            await r.read()
+        chat_ms = (time.perf_counter() - chat_started) * 1000
+        started = time.perf_counter()
+        async with session.post(f"{base}/v1/personas/switch",
+                                json={"target_persona_id": SWITCH_TARGET}) as r:
+            r.raise_for_status()
+            body = await r.json()
+        round_trip = (time.perf_counter() - started) * 1000
+        after = await _first_delta_ms(session, base, QUESTION)
+    return {"first_chat_ms": round(chat_ms, 1), "switch_round_trip_ms": round(round_trip, 1),
+            "switch_latency_ms": body["switch_latency_ms"],
+            "first_delta_after_switch_ms": round(after, 1)}
+
+
+def bench_switch_after_start(runs: int) -> dict:
+    results = []
+    for _ in range(runs):  # a fresh daemon each time: "right after start"
+        port = _free_port()
+        with tempfile.TemporaryDirectory() as data_dir:
+            child = subprocess.Popen(
+                [sys.executable, __file__, "--serve", str(port), "--data-dir", data_dir],
+                cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+            try:
+                results.append(asyncio.run(_switch_after_start_once(f"http://127.0.0.1:{port}")))
+            finally:
+                child.terminate()
+                child.wait(timeout=30)
+    trips = [r["switch_round_trip_ms"] for r in results]
+    return {"target_persona": SWITCH_TARGET, "runs": results,
+            "switch_round_trip_ms_median": _median(trips),
+            "switch_round_trip_ms_range": [min(trips), max(trips)],
+            "first_delta_after_switch_ms_median": _median(
+                [r["first_delta_after_switch_ms"] for r in results]),
+            "target_ms": SWITCH_TARGET_MS, "met": max(trips) < SWITCH_TARGET_MS}
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true",
+                        help="one repetition, short history growth (CI smoke run)")
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        asyncio.run(_serve(args.serve, args.data_dir))
+        return 0
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
-    report = asyncio.run(bench(args.repeat))
-    text = json.dumps(report, indent=2)
+    repeat = 1 if args.quick else args.repeat
+    report = {"switch_after_start": bench_switch_after_start(repeat)}
+    report.update(asyncio.run(bench(repeat, GROWTH_QUICK if args.quick else GROWTH)))
     if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -87,9 +87,10 @@ class FakeChatModel:
         self.chunk = chunk
         self.prompts: list[list[ChatMessage]] = []
         self.prefixes: dict[str, list[ChatMessage]] = {}
-        self.loaded_prefix: str | None = None
         self.cancelled = 0
         self.priorities: list[Priority] = []  # of each stream() call, in call order
+        self.warm_priorities: dict[str, Priority] = {}  # of each warm_prefix() call, by key
+        self.warm_release: asyncio.Event | None = None  # set: warm-ups wait for it (a busy LLM)
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
@@ -100,7 +101,7 @@ class FakeChatModel:
         self.prompts.append(list(messages))
         self.priorities.append(priority)
         stats = stats if stats is not None else GenerationStats()
-        stats.prompt_tokens = sum(self.count_tokens(m["content"]) for m in messages)
+        stats.prompt_tokens = sum(len(m["content"].split()) for m in messages)
         text = self.reply[: params.max_tokens * 8]
         try:
             for i in range(0, len(text), self.chunk):
@@ -115,13 +116,10 @@ class FakeChatModel:
 
     async def warm_prefix(self, key: str, messages: list[ChatMessage], *,
                           priority: Priority = Priority.BACKGROUND) -> None:
+        self.warm_priorities[key] = priority
+        if self.warm_release is not None:
+            await self.warm_release.wait()
         self.prefixes[key] = list(messages)
-
-    def load_prefix(self, key: str) -> bool:
-        if key not in self.prefixes:
-            return False
-        self.loaded_prefix = key
-        return True
 
     def has_prefix(self, key: str) -> bool:
         return key in self.prefixes

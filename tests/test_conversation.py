@@ -176,6 +176,28 @@ async def test_persona_prompts_are_evaluated_once_and_reused(tmp_path: Path) -> 
     app.store.close()
 
 
+async def test_a_switch_does_not_wait_for_the_llm_and_warms_its_persona_first(
+        tmp_path: Path) -> None:
+    llm = FakeChatModel()
+    app = await started(make_settings(tmp_path), llm=llm)
+    llm.warm_release = asyncio.Event()  # the LLM is busy: no warm-up finishes for now
+    warming = asyncio.create_task(app.conversation.warm_personas())
+    await until(lambda: llm.warm_priorities)  # the background warm-up has started
+    async with asyncio.timeout(5):  # returns while every warm-up is still held
+        result = await app.conversation.switch_persona("entertainer")
+    assert not result.prefix_was_warm and app.conversation.active_persona_id == "entertainer"
+    assert not warming.done() and not llm.prefixes
+    key = app.conversation._prefix_key(app.personas.get("entertainer"))
+    await until(lambda: key in llm.warm_priorities)
+    assert llm.warm_priorities[key] is Priority.INTERACTIVE  # ahead of the background warm-up
+    assert set(llm.warm_priorities.values()) == {Priority.INTERACTIVE, Priority.BACKGROUND}
+    llm.warm_release.set()
+    async with asyncio.timeout(5):
+        await warming
+    await until(lambda: app.conversation.prefix_ready("entertainer"))
+    await app.aclose()
+
+
 async def test_cold_switch_evaluates_the_prompt_and_an_edited_persona_gets_a_new_state(
         tmp_path: Path) -> None:
     import shutil

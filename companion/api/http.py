@@ -82,6 +82,7 @@ async def serve_http(app: App) -> None:
         site = web.TCPSite(runner, api.host, api.port)
         await site.start()
         app.http_addresses = list(runner.addresses)
+        app.http_listening.set()
         log.info("http api listening", host=api.host, port=api.port,
                  addresses=[str(a) for a in runner.addresses], auth=bool(api.keys))
         await asyncio.Event().wait()

@@ -209,8 +209,11 @@ class SoundDeviceSink:
         return self._stream
 
     async def play(self, clip: AudioClip) -> None:
-        await asyncio.to_thread(self._ensure_stream, clip.sample_rate)
-        pcm = apply_volume(resample(clip.pcm, clip.sample_rate, self._rate), self.volume)
+        def prepare() -> bytes:  # resampling a sentence takes milliseconds: not on the loop
+            self._ensure_stream(clip.sample_rate)
+            return apply_volume(resample(clip.pcm, clip.sample_rate, self._rate), self.volume)
+
+        pcm = await asyncio.to_thread(prepare)
         if not pcm:
             return
         self._loop = asyncio.get_running_loop()
@@ -321,8 +324,12 @@ class WavFileSink:
         self._wav.setframerate(sample_rate)
 
     async def play(self, clip: AudioClip) -> None:
-        pcm = apply_volume(resample(clip.pcm, clip.sample_rate, self.sample_rate), self.volume)
-        self._wav.writeframes(pcm)
+        def write() -> bytes:  # resampling and the file: not on the event loop
+            pcm = apply_volume(resample(clip.pcm, clip.sample_rate, self.sample_rate), self.volume)
+            self._wav.writeframes(pcm)
+            return pcm
+
+        pcm = await asyncio.to_thread(write)
         self.played_s += len(pcm) / 2 / self.sample_rate
         if self.realtime:
             await asyncio.sleep(len(pcm) / 2 / self.sample_rate)
