@@ -343,9 +343,9 @@ class App:
         close = getattr(self.sink, "close", None)
         if close is not None:
             close()
-        for model in (getattr(self, "llm", None), getattr(self, "stt", None)):
-            shutdown = getattr(model, "close", None)
-            if shutdown is not None:
+        for name in ("llm", "stt"):  # the models it built (an injected one is the caller's)
+            shutdown = getattr(getattr(self, name, None), "close", None)
+            if shutdown is not None and getattr(self.parts, name) is None:
                 await asyncio.to_thread(shutdown)
         self.store.close()
 

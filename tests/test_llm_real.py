@@ -99,13 +99,20 @@ async def test_warm_up_steps_aside_for_a_voice_turn(real_llm) -> None:
 
 async def test_app_aclose_ends_the_llama_thread_and_frees_the_model(tmp_path: Path) -> None:
     before = set(threading.enumerate())
-    llm = _load_llm()
-    (thread,) = [t for t in set(threading.enumerate()) - before if t.name == "llama"]
-    app = fake_app(make_settings(tmp_path), llm=llm)
-    async with asyncio.timeout(30):
-        await app.start()
-        assert await app.conversation.reply_text("Hello!")
+    app = fake_app(make_settings(tmp_path, llm={"threads": 1, "nice": 0}), llm=None)
+    async with asyncio.timeout(120):
+        await app.start()  # builds the real model (llm=None): so aclose closes it
+        (thread,) = [t for t in set(threading.enumerate()) - before if t.name == "llama"]
+        assert (await app.conversation.reply_text("Hello!")).completed
         await app.aclose()
     assert not thread.is_alive()
     with pytest.raises(RuntimeError, match="closed"):
-        await anext(llm.stream(SHORT, SamplingParams()))
+        await anext(app.llm.stream(SHORT, SamplingParams()))
+
+
+async def test_an_injected_model_is_left_to_its_owner(tmp_path: Path, real_llm) -> None:
+    app = fake_app(make_settings(tmp_path), llm=real_llm)
+    async with asyncio.timeout(30):
+        await app.start()
+        await app.aclose()
+        assert [d async for d in real_llm.stream(SHORT, SamplingParams(max_tokens=2))]
