@@ -86,7 +86,7 @@ async def test_a_preempted_generation_continues_the_same_text(real_llm) -> None:
 
 
 async def test_warm_up_steps_aside_for_a_voice_turn(real_llm) -> None:
-    persona = [{"role": "system", "content": "You are Ada, a patient tutor. " * 80}]
+    persona = [{"role": "system", "content": "You are Ada, a patient tutor. " * 30}]
     async with asyncio.timeout(120):
         warming = asyncio.create_task(real_llm.warm_prefix("tutor", persona))
         await until(lambda: real_llm.busy_with is Priority.BACKGROUND)  # it is evaluating
