@@ -7,7 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -53,6 +53,245 @@ class EventType(StrEnum):
     CONTROL_LINK = "control-link"
 
 
+# --- payloads: one frozen dataclass per event type ---------------------------------------------
+# ``EventBus.emit(EventType.X, turn_id, **fields)`` builds the type's payload from the fields, so
+# a misspelt or missing field is a TypeError where it is emitted, not a silent gap downstream.
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Payload:
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NoFields(Payload):
+    pass
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WakeDetected(Payload):
+    word: str
+    score: float
+    audio_time_s: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WakeArbitration(Payload):
+    won: bool
+    winner: str | None
+    source: str
+    waited_ms: float | None
+    room: str
+    snr_db: float | None
+    level_dbfs: float | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TurnStart(Payload):
+    trigger: str
+    wake_word: str | None = None
+    follow_up: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SpeechStart(Payload):
+    audio_time_s: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SpeechEnd(Payload):
+    audio_time_s: float
+    speech_s: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NoSpeech(Payload):
+    audio_s: float | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SttStart(Payload):
+    audio_s: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SttEnd(Payload):
+    text: str
+    took_s: float
+    speculative: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Command(Payload):
+    command: str
+    source: str | None = None  # api, voice, control, button, tool
+    text: str | None = None  # what was said, for a voice command
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LlmStart(Payload):
+    persona_id: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Took(Payload):
+    took_s: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Text(Payload):
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LlmEnd(Payload):
+    text: str
+    tokens: int
+    took_s: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TtsEnd(Payload):
+    text: str
+    audio_s: float
+    took_s: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PlaybackStart(Payload):
+    text: str
+    audio_s: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TurnEnd(Payload):
+    timings: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TurnError(Payload):
+    code: str  # a stable name (it goes to the fleet), never an exception class name
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExchangeRecorded(Payload):
+    session_id: str
+    persona_id: str
+    source: str
+    user_text: str
+    reply: str
+    tokens: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StateChanged(Payload):
+    state: str
+    previous: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Button(Payload):
+    button: str
+    kind: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MuteChanged(Payload):
+    muted: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VolumeChanged(Payload):
+    volume: float
+    previous: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PersonaSwitched(Payload):
+    previous: str
+    persona_id: str
+    session_id: str | None
+    latency_ms: float
+    preserve_context: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Timer(Payload):
+    timer_id: str
+    seconds: float
+    label: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LedOverride(Payload):
+    color: str
+    pattern: str
+    duration_ms: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AudioDevice(Payload):
+    component: str
+    healthy: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ControlLinkChanged(Payload):
+    connected: bool
+    url: str | None = None
+    error: str | None = None
+
+
+PAYLOADS: dict[EventType, type[Payload]] = {
+    EventType.WAKE_DETECTED: WakeDetected,
+    EventType.WAKE_ARBITRATION: WakeArbitration,
+    EventType.TURN_START: TurnStart,
+    EventType.LISTEN_START: NoFields,
+    EventType.SPEECH_START: SpeechStart,
+    EventType.SPEECH_END: SpeechEnd,
+    EventType.NO_SPEECH: NoSpeech,
+    EventType.STT_START: SttStart,
+    EventType.STT_END: SttEnd,
+    EventType.COMMAND: Command,
+    EventType.LLM_START: LlmStart,
+    EventType.LLM_FIRST_TOKEN: Took,
+    EventType.LLM_SENTENCE: Text,
+    EventType.LLM_END: LlmEnd,
+    EventType.TTS_START: Text,
+    EventType.TTS_END: TtsEnd,
+    EventType.PLAYBACK_START: PlaybackStart,
+    EventType.PLAYBACK_END: Text,
+    EventType.TURN_END: TurnEnd,
+    EventType.TURN_ERROR: TurnError,
+    EventType.TURN_CANCELLED: NoFields,
+    EventType.EXCHANGE_RECORDED: ExchangeRecorded,
+    EventType.STATE_CHANGED: StateChanged,
+    EventType.BUTTON: Button,
+    EventType.MUTE_CHANGED: MuteChanged,
+    EventType.VOLUME_CHANGED: VolumeChanged,
+    EventType.PERSONA_SWITCHED: PersonaSwitched,
+    EventType.TIMER_SET: Timer,
+    EventType.TIMER_RANG: Timer,
+    EventType.LED_OVERRIDE: LedOverride,
+    EventType.AUDIO_DEVICE: AudioDevice,
+    EventType.CONTROL_LINK: ControlLinkChanged,
+}
+
+
+def payload(type_: EventType, **data: Any) -> Payload:
+    """The typed payload of an event; TypeError names the event when a field is wrong."""
+    try:
+        return PAYLOADS[type_](**data)
+    except KeyError:
+        raise TypeError(f"event type {type_} has no payload class in PAYLOADS") from None
+    except TypeError as exc:
+        raise TypeError(f"{type_} event: {exc}") from None
+
+
 class PipelineState(StrEnum):
     IDLE = "idle"
     LISTENING = "listening"
@@ -65,10 +304,15 @@ class PipelineState(StrEnum):
 @dataclass(frozen=True, slots=True)
 class Event:
     type: EventType
-    data: dict[str, Any] = field(default_factory=dict)
+    payload: Payload = field(default_factory=NoFields)
     turn_id: str | None = None
     timestamp: float = field(default_factory=time.monotonic)
     wall_time: float = field(default_factory=time.time)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The payload's fields as a dict (what consumers and ``as_dict`` read)."""
+        return self.payload.as_dict()
 
     def as_dict(self) -> dict[str, Any]:
         return {"type": str(self.type), "turn_id": self.turn_id, "t": self.timestamp,
@@ -98,7 +342,7 @@ class EventBus:
             queue.put_nowait(event)
 
     def emit(self, type_: EventType, turn_id: str | None = None, **data: Any) -> Event:
-        event = Event(type_, data, turn_id)
+        event = Event(type_, payload(type_, **data), turn_id)
         self.publish(event)
         return event
 

@@ -284,8 +284,8 @@ class VoiceLoop:
             self.status.set_state(PipelineState.ERROR, turn_id)
             await self._apologise(turn_id)
         except Exception as exc:
-            self.bus.emit(EventType.TURN_ERROR, turn_id, code=type(exc).__name__,
-                          message=str(exc))
+            self.bus.emit(EventType.TURN_ERROR, turn_id, code="turn-failed",
+                          message=str(exc))  # the reason; the code is a stable name
             log.exception("turn failed")
             self.status.set_state(PipelineState.ERROR, turn_id)
             await self._apologise(turn_id)

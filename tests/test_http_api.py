@@ -497,7 +497,7 @@ async def test_metrics_json_and_prometheus_agree(api):
     client, app = api
     app.bus.emit(EventType.TURN_END, "t1", timings={"stt_s": 0.2, "llm_first_token_s": 0.3,
                                                     "total_s": 1.5, "wake_s": None})
-    app.bus.emit(EventType.LLM_END, "t1", tokens=12, took_s=0.4)
+    app.bus.emit(EventType.LLM_END, "t1", text="Hi.", tokens=12, took_s=0.4)
     async with asyncio.timeout(5):
         await client.post("/v1/chat", json={"message": "hi"})
         await client.get("/nope")
