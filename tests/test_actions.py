@@ -4,6 +4,7 @@ voice adapter's approval of flagged commands."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -167,3 +168,51 @@ def test_app_parts_are_typed_attributes_not_a_dict(settings):
     with pytest.raises(AttributeError):
         app.contrl  # noqa: B018  a misspelt part is an error, not a silent None
     assert not hasattr(app, "extensions")
+
+
+class RecordingRegistry:
+    """A fake registry: records what an adapter asks for (an adapter test needs no device)."""
+
+    def __init__(self):
+        self.calls = []
+
+    async def run(self, name, args=None, *, context, channel=None):
+        from companion.actions import Outcome
+
+        self.calls.append((name, args, context))
+        return Outcome(name, {"ran": name})
+
+
+@pytest.mark.parametrize(("frame", "payload", "action", "args"), [
+    ("persona_switch", {"persona_id": "medication_nurse", "transition_message": ""}, "persona",
+     {"id": "medication_nurse", "preserve_context": True, "transition_message": None}),
+    ("led_control", {"color": "red", "pattern": "blink"}, "led",
+     {"pattern": "blink", "color": "#FF0000", "duration_ms": 3000}),
+    ("broadcast", {"payload": {"text": "Dinner!"}}, "announce",
+     {"event_type": "announcement", "text": "Dinner!", "audio_b64": None}),
+    ("audio_response", {"text": "Hi."}, "announce",
+     {"text": "Hi.", "audio_b64": None, "audio_url": None}),
+])
+async def test_the_control_adapter_only_translates_frames_into_actions(frame, payload, action,
+                                                                       args):
+    from types import SimpleNamespace
+
+    from companion.control.handlers import CommandHandlers
+    from companion.control.protocol import parse_server_frame, server_frame
+
+    registry = RecordingRegistry()
+    sent = []
+
+    async def enqueue(frame_):
+        sent.append(frame_)
+
+    handlers = CommandHandlers(SimpleNamespace(actions=registry), SimpleNamespace(enqueue=enqueue))
+    command = parse_server_frame(json.dumps(server_frame(frame, payload, priority=2)),
+                                 max_bytes=1 << 20)
+    outcome = await handlers.handle(command)
+    [(name, got, context)] = registry.calls
+    assert (name, got) == (action, args)
+    assert context.source == "control" and context.priority == 2 and context.trusted
+    assert context.deliver is enqueue
+    assert outcome.result["ran"] == action
+    assert outcome.result.get("switch_complete") is (True if frame == "persona_switch" else None)
