@@ -100,7 +100,7 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "UNAUTHORIZED", "missing Authorization: Bearer <api key>",
                        headers={"WWW-Authenticate": "Bearer"})
-    given = token.strip().encode()
+    given = token.strip().encode("utf-8", "surrogateescape")  # a Latin-1 byte is a wrong key, not a 500
     ok = False
     for key in keys:  # every key is compared: the time does not say which one nearly matched
         ok |= hmac.compare_digest(given, key.encode())
