@@ -4,8 +4,10 @@ On a wake word the device measures the word's speech level and its signal-to-noi
 word against the noise floor heard just before it), starts listening at once and opens a
 ``Round``: a ``wake_detected`` claim goes to the control plane (when the link is up) and, in
 peer mode, to the other devices of the room over UDP multicast (``companion.peers``). The round
-ends with a ``Verdict``: the control plane's ``wake_arbitration``, or the peer rule, or, when
-the window passes with no result, "answer". A device that loses stops at once, silently.
+ends with a ``Verdict``: the control plane's ``wake_arbitration`` or the peer rule, whenever it
+comes before the answer starts; when the answer is due, it waits for the verdict at most until
+the window closes, then answers (or follows the peer rule). A device that loses stops at once,
+silently.
 
 One rule everywhere (the control plane, peers, the simulation): the best SNR wins, then the
 level, then the wake score, then the device id (so every peer that saw the same claims picks
@@ -15,6 +17,7 @@ the same winner). The claims carry values rounded as on the wire, for the same r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -33,6 +36,9 @@ SILENCE_DBFS = -120.0  # the level of digital silence (log of zero is not a numb
 WORD_S = 1.0  # the wake word's audio: the last second before the detector fired
 PLANE_COLLECT = 0.5  # the control plane waits at most this share of the window for claims
 ROUND_MEMORY_S = 10.0
+# claims of one room this close are one wake word, even when the window says otherwise: a busy
+# device hears (detects) late; the verdict still counts until its answer starts
+LATE_CLAIM_S = 1.0
 
 
 # --- the signal ------------------------------------------------------------------------------------
@@ -153,12 +159,21 @@ class Round:
     control: bool  # the control plane decides (its link was up when the word was heard)
     expected: set[str]  # peers of the room known when the word was heard
     result: asyncio.Future[Verdict]
+    arbiter: Arbiter
     peer_claims: dict[str, Claim] = field(default_factory=dict)
-    timer: asyncio.TimerHandle | None = None
 
     async def commit(self) -> Verdict:
-        """Wait for the verdict (it comes at the latest when the window closes)."""
-        return await asyncio.shield(self.result)
+        """The verdict when the answer is about to start (the gate): wait for it until the
+        window closes, then take the best available (the peer rule, else "answer"). A result
+        that arrives after the window but before this moment still counts: the answer has not
+        started, and a late "you lost" keeps a second device quiet."""
+        remaining = self.started + self.window_s - self.arbiter.monotonic()
+        if not self.result.done() and remaining > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.result), remaining)
+        if not self.result.done():
+            self.arbiter.fall_back(self)
+        return self.result.result()
 
 
 class Arbiter:
@@ -184,36 +199,39 @@ class Arbiter:
     def settings(self) -> ArbitrationSettings:
         return self._settings()  # re-read: config_update may move the device to another room
 
+    @property
+    def peers_on(self) -> bool:
+        return self.peer is not None and self.settings.peer
+
     def begin(self, turn_id: str, word: str, score: float, signal: WakeSignal) -> Round | None:
         """Open the round of a wake word; None when there is nobody to arbitrate with (no
         link, no peers): the device answers as it always did."""
         s = self.settings
         control = self._control()
         linked = control is not None and control.connected
-        if not s.enabled or not (linked or s.peer):
+        if not s.enabled or not (linked or self.peers_on):
             return None
         now = self.monotonic()
         at = control.plane_time() if control is not None else self.clock()
         claim = Claim(self.device_id, s.room, turn_id, word, score, signal.level_dbfs,
                       signal.snr_db, at, s.window_ms)
-        loop = asyncio.get_running_loop()
         expected = self.peer.peers_in(s.room) if self.peer is not None and s.peer else set()
-        round_ = Round(claim, now, s.window_ms / 1000, linked, expected, loop.create_future())
-        self.rounds[turn_id] = round_
+        round_ = Round(claim, now, s.window_ms / 1000, linked, expected,
+                       asyncio.get_running_loop().create_future(), self)
         self._forget_old(now)
+        self.rounds[turn_id] = round_
         if linked:
             assert control is not None
             self._spawn(self._send_control(control, round_))
-        if self.peer is not None and s.peer:
+        if self.peers_on:
+            assert self.peer is not None
             self.peer.announce(claim)
             for received, other in self._recent:
                 self._match(round_, other, received)
         if not linked and not expected:
             self._resolve(round_, True, self.device_id, "alone")
         else:
-            round_.timer = loop.call_later(round_.window_s, self._expire, round_)
-            if not linked:
-                self._peer_progress(round_)
+            self._peer_progress(round_)
         return round_
 
     async def _send_control(self, control: ControlChannel, round_: Round) -> None:
@@ -221,7 +239,7 @@ class Arbiter:
             sent = await control.send_wake(round_.claim.payload())
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the link dropped under us: the window decides
+        except Exception as exc:  # the link dropped under us: the peers or the window decide
             log.info("wake claim not sent", error=str(exc), turn_id=round_.claim.turn_id)
             sent = False
         if not sent and not round_.result.done():
@@ -253,10 +271,11 @@ class Arbiter:
 
     def _match(self, round_: Round, claim: Claim, received: float) -> None:
         # peers compare arrival times, not clocks: without a control plane there is no common
-        # clock, and a LAN delivers in milliseconds
+        # clock, and a LAN delivers in milliseconds. A busy device detects late: a claim up to
+        # LATE_CLAIM_S away still counts, until this device commits.
         if claim.room != round_.claim.room or claim.device_id == self.device_id:
             return
-        if abs(received - round_.started) > round_.window_s:
+        if abs(received - round_.started) > max(round_.window_s, LATE_CLAIM_S):
             return
         round_.peer_claims[claim.device_id] = claim
         self._peer_progress(round_)
@@ -272,18 +291,18 @@ class Arbiter:
         elif round_.expected <= set(round_.peer_claims):
             self._resolve(round_, True, self.device_id, "peer")
 
-    def _expire(self, round_: Round) -> None:
+    def fall_back(self, round_: Round) -> None:
+        """No result by the time the answer is due: the peer rule over the claims heard, or,
+        without peers, answer (a silent control plane must not silence every device)."""
         if round_.result.done():
             return
-        if self.peer is not None and self.settings.peer:
+        if self.peers_on:
             best = winner([round_.claim, *round_.peer_claims.values()])
             self._resolve(round_, best.device_id == self.device_id, best.device_id, "peer")
         else:
             self._resolve(round_, True, None, "timeout")
 
     def _resolve(self, round_: Round, won: bool, winner_id: str | None, source: str) -> None:
-        if round_.timer is not None:
-            round_.timer.cancel()
         waited_ms = round((self.monotonic() - round_.started) * 1000, 1)
         verdict = Verdict(won, winner_id, source, waited_ms)
         round_.result.set_result(verdict)
@@ -296,14 +315,16 @@ class Arbiter:
                       snr_db=claim.snr_db, level_dbfs=claim.level_dbfs)
 
     def _forget_old(self, now: float) -> None:
+        """Stop taking results for old rounds (a turn that reaches its gate later, after a long
+        command, falls back as with no result)."""
         for turn_id, round_ in list(self.rounds.items()):
-            if round_.result.done() and now - round_.started > ROUND_MEMORY_S:
+            if now - round_.started > ROUND_MEMORY_S:
                 del self.rounds[turn_id]
 
     async def aclose(self) -> None:
         for round_ in self.rounds.values():
-            if round_.timer is not None:
-                round_.timer.cancel()
+            if not round_.result.done():
+                round_.result.cancel()
         for task in list(self._sends):
             task.cancel()
         await asyncio.gather(*self._sends, return_exceptions=True)
@@ -324,7 +345,8 @@ class PlaneRound:
 
 class WakeRounds:
     """The control plane's side: groups claims of one room whose wake times fall within the
-    window, decides by the rule and tells each claimant. It answers at once when every
+    window (or LATE_CLAIM_S: a busy device detects late), decides by the rule and tells each
+    claimant. It answers at once when every
     connected member of the room has claimed (a device alone in its room waits for nothing);
     otherwise it waits until half the window after the earliest wake, so the result reaches
     the devices before their own window closes. A claim that comes after the decision is
@@ -345,7 +367,7 @@ class WakeRounds:
         now = self.clock()
         self.rounds = [r for r in self.rounds if now - r.first_at < ROUND_MEMORY_S]
         round_ = next((r for r in self.rounds if r.room == claim.room
-                       and abs(claim.at - r.first_at) <= r.window_s), None)
+                       and abs(claim.at - r.first_at) <= max(r.window_s, LATE_CLAIM_S)), None)
         if round_ is None:
             round_ = PlaneRound(claim.room, claim.at, claim.window_ms / 1000)
             self.rounds.append(round_)

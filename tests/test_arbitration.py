@@ -126,7 +126,7 @@ async def test_a_silent_member_costs_half_the_window_and_a_late_claim_loses():
     await plane.rounds.claim(claim("b", 40, at=100.15))  # better, but after the decision
     assert plane.sent[-1] == ("b", {"turn_id": "turn_b", "winner_device_id": "a"})
     plane.members["hall"] = {"c"}
-    await plane.rounds.claim(claim("c", 10, at=101.0))  # outside the window: a new round
+    await plane.rounds.claim(claim("c", 10, at=101.5))  # 1.5 s later: another wake word
     assert plane.sent[-1] == ("c", {"turn_id": "turn_c", "winner_device_id": "c"})
 
 
@@ -265,3 +265,44 @@ async def test_a_bus_event_and_log_record_every_verdict(peer_pair):
     async with asyncio.timeout(2):
         await round_.commit()
     assert events and events[0].turn_id == "t-e" and events[0].data["won"] is True
+
+
+class QuietLink:
+    """A connected control link whose plane answers only when the test says so."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    def plane_time(self) -> float:
+        return 1000.0
+
+    async def send_wake(self, payload: dict) -> bool:
+        self.sent.append(payload)
+        return True
+
+
+async def test_a_late_result_counts_until_the_gate_and_no_result_means_answer():
+    from companion.arbitration import WakeSignal
+
+    now = [50.0]
+    link = QuietLink()
+    settings = ArbitrationSettings(room="hall", window_ms=200)
+    arbiter = Arbiter(lambda: settings, "hall-1", EventBus(), control=lambda: link,
+                      monotonic=lambda: now[0])
+    late = arbiter.begin("t-late", "hey_jarvis", 0.9, WakeSignal(-20.0, 30.0))
+    silent = arbiter.begin("t-silent", "hey_jarvis", 0.9, WakeSignal(-20.0, 30.0))
+    assert late is not None and silent is not None and not late.result.done()
+    await until(lambda: len(link.sent) == 2)  # the claims went out at once
+    now[0] += 0.5  # the window has closed; the user is still speaking: no gate yet
+    arbiter.on_control_result("t-late", "kitchen-1")
+    assert late.result.done()  # the loser's turn stops now, before it answers
+    async with asyncio.timeout(2):
+        lost, answered = await late.commit(), await silent.commit()
+    assert (lost.won, lost.source, lost.winner_device_id) == (False, "control", "kitchen-1")
+    assert (answered.won, answered.source) == (True, "timeout")
+    arbiter.on_control_result("t-silent", "kitchen-1")  # after the commit: ignored
+    assert (await silent.commit()).won
+    assert [p["turn_id"] for p in link.sent] == ["t-late", "t-silent"]
+    assert link.sent[0]["at"] == 1000.0 and link.sent[0]["room"] == "hall"

@@ -1,0 +1,169 @@
+"""Two real daemons (`companion run`: real models, real sounddevice on a private PulseAudio) hear
+the same spoken clip at different gains, each through its own microphone (a null sink's
+monitor): exactly one answers, first through the dev control plane, then, with the control plane
+killed, peer to peer over real UDP multicast on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scripts.make_utterance_wav import make
+from tests.pulse import private_pulseaudio
+from tests.test_arbitration import free_udp_port
+from tests.test_control_daemon import TOKEN, Fleet, free_port, http, until
+
+pytestmark = [pytest.mark.models, pytest.mark.audio]
+
+GAINS_DB = {"hall": 0.0, "kitchen": -8.0}  # hall is nearer the speaker
+
+
+def scaled(source: Path, out: Path, gain_db: float, seed: int) -> Path:
+    """The clip at a gain, over room noise of -60 dBFS (the noise floor the SNR is measured
+    against), with 2 s of that noise first."""
+    with wave.open(str(source)) as wav:
+        rate = wav.getframerate()
+        pcm = np.frombuffer(wav.readframes(wav.getnframes()), np.int16).astype(np.float64)
+    audio = np.concatenate([np.zeros(2 * rate), pcm * 10 ** (gain_db / 20)])
+    audio += np.random.default_rng(seed).normal(0, 33, len(audio))
+    with wave.open(str(out), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(np.clip(audio, -32768, 32767).astype(np.int16).tobytes())
+    return out
+
+
+def log_events(fleet: Fleet, device: str, event: str) -> list[dict]:
+    lines = (fleet.tmp / f"{device}.log").read_text(errors="replace").splitlines()
+    found = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == event:
+            found.append(record)
+    return found
+
+
+def play_to_both(env: dict[str, str], clips: dict[str, Path]) -> None:
+    """Each device's air gets the clip at once (two paplay processes started together)."""
+    players = [subprocess.Popen(["paplay", f"--device={name}_air", str(path)], env=env)
+               for name, path in clips.items()]
+    for player in players:
+        assert player.wait(30) == 0
+
+
+def test_two_real_daemons_one_answers_via_the_plane_then_peer_to_peer(tmp_path: Path):
+    # a local command: the answer needs no LLM (its warm-up can take a minute on a loaded CI)
+    question = make(tmp_path / "q.wav", wake="Hey Jarvis.", text="What time is it?",
+                    gap_s=0.6, tail_s=2.0)
+    clips = {name: scaled(question, tmp_path / f"{name}.wav", gain, seed)
+             for seed, (name, gain) in enumerate(GAINS_DB.items())}
+    udp_port = free_udp_port()
+    with private_pulseaudio(tmp_path) as env:
+        for name in GAINS_DB:
+            subprocess.run(["pactl", "load-module", "module-null-sink", f"sink_name={name}_air",
+                            "rate=16000", "channels=1"], env=env, check=True, capture_output=True)
+        fleet = Fleet(tmp_path)
+        try:
+            fleet.start_plane()
+            for name in GAINS_DB:
+                _start(fleet, name, env, udp_port)
+            for name in GAINS_DB:
+                until(lambda d=name: fleet.ready(d) and fleet.connected(d), 150, f"{name} linked")
+            until(lambda: all(log_events(fleet, d, "peer arbitration on") for d in GAINS_DB), 10,
+                  "peer transports up")
+
+            # 1. with the control plane: it decides, one stops, the other answers
+            winner = _one_answers(fleet, env, clips, 1)
+            claims = {d: _messages(fleet, d, "wake_detected") for d in GAINS_DB}
+            assert all(len(c) == 1 for c in claims.values()), claims
+            snr = {d: c[0]["payload"]["snr_db"] for d, c in claims.items()}
+            assert snr["hall"] > snr["kitchen"] + 3, snr  # measured from the real audio
+            decision = http("GET", f"{fleet.plane}/arbitration", timeout=10)[1]["decisions"][-1]
+            assert decision["winner_device_id"] == winner
+            if set(decision["claims"]) == set(GAINS_DB):  # both claims in time: the nearer
+                assert winner == "hall"
+            assert {v["source"] for d in GAINS_DB for v in _verdicts(fleet, d)} == {"control"}
+            assert _messages(fleet, winner, "transcript")
+            assert not _messages(fleet, _other(winner), "transcript")  # stopped before STT
+
+            # 2. the control plane dies: the daemons arbitrate over multicast
+            fleet.kill("plane")
+            for name in GAINS_DB:
+                until(lambda d=name: not http("GET", f"{fleet.api(d)}/v1/state", timeout=5)[1][
+                    "control_plane"]["connected"], 30, f"{name} sees the plane down")
+            winner = _one_answers(fleet, env, clips, 2)
+            verdicts = {d: _verdicts(fleet, d)[-1] for d in GAINS_DB}
+            assert {v["source"] for v in verdicts.values()} == {"peer"}, verdicts
+            if _other(winner) in verdicts[winner]["peers"]:  # it heard the other's claim
+                assert winner == "hall"
+        finally:
+            fleet.stop_all()
+
+
+def _verdicts(fleet: Fleet, device: str) -> list[dict]:
+    return log_events(fleet, device, "wake arbitration")
+
+
+def _other(device: str) -> str:
+    return next(d for d in GAINS_DB if d != device)
+
+
+def _answers(fleet: Fleet) -> dict[str, tuple[int, int]]:
+    """Per device: how many local commands it answered and utterances it transcribed."""
+    return {d: (len(log_events(fleet, d, "local command")), len(log_events(fleet, d, "transcript")))
+            for d in GAINS_DB}
+
+
+def _one_answers(fleet: Fleet, env: dict[str, str], clips: dict[str, Path], turns: int) -> str:
+    """Play the clip to both; exactly one device answers (the other stops silently before it
+    transcribes). Returns the one that answered."""
+    before = _answers(fleet)
+    play_to_both(env, clips)
+    until(lambda: all(len(_verdicts(fleet, d)) == turns for d in GAINS_DB), 90, "both verdicts")
+    won = [d for d in GAINS_DB if _verdicts(fleet, d)[-1]["won"]]
+    assert len(won) == 1, {d: _verdicts(fleet, d)[-1] for d in GAINS_DB}
+    winner, loser = won[0], _other(won[0])
+    until(lambda: _answers(fleet)[winner][0] == before[winner][0] + 1, 120, f"{winner}'s answer")
+    until(lambda: all(_state(fleet, d) == "idle" for d in GAINS_DB), 60, "both idle")
+    assert _answers(fleet)[loser] == before[loser]
+    assert _verdicts(fleet, loser)[-1]["winner"] == winner
+    return winner
+
+
+def _start(fleet: Fleet, name: str, env: dict[str, str], udp_port: int) -> None:
+    port = fleet.api_ports.setdefault(name, free_port())
+    fleet._spawn(name, ["-m", "companion", "run"], {
+        **env, "PULSE_SOURCE": f"{name}_air.monitor", "PULSE_SINK": "vspeaker",
+        "COMPANION_DEVICE_ID": name, "COMPANION_DATA_DIR": str(fleet.tmp / name),
+        "COMPANION_API__PORT": str(port), "COMPANION_GPIO__ENABLED": "false",
+        "COMPANION_LOG_FORMAT": "json", "COMPANION_AUDIO__INPUT_DEVICE": "pulse",
+        "COMPANION_AUDIO__OUTPUT_DEVICE": "pulse",
+        "COMPANION_PIPELINE__FOLLOW_UP_WINDOW_S": "0",
+        "COMPANION_CONTROL_PLANE__URL": f"ws://127.0.0.1:{fleet.plane_port}",
+        "COMPANION_CONTROL_PLANE__TOKEN": TOKEN, "COMPANION_CONTROL_PLANE__HEARTBEAT_S": "1",
+        "COMPANION_CONTROL_PLANE__BACKOFF_INITIAL_S": "0.05",
+        "COMPANION_CONTROL_PLANE__BACKOFF_MAX_S": "0.5",
+        "COMPANION_ARBITRATION__ROOM": "living", "COMPANION_ARBITRATION__PEER": "true",
+        "COMPANION_ARBITRATION__SECRET": "test-group-secret-0123",
+        "COMPANION_ARBITRATION__PEER_INTERFACE": "127.0.0.1",
+        "COMPANION_ARBITRATION__PEER_PORT": str(udp_port)})
+
+
+def _messages(fleet: Fleet, device: str, type_: str) -> list[dict]:
+    status, result = http("GET", f"{fleet.plane}/devices/{device}/messages?type={type_}",
+                          timeout=10)
+    return result["messages"] if status == 200 else []
+
+
+def _state(fleet: Fleet, device: str) -> str | None:
+    status, state = http("GET", f"{fleet.api(device)}/v1/state", timeout=5)
+    return state["pipeline_state"] if status == 200 else None
