@@ -193,6 +193,7 @@ class Arbiter:
         self.rounds: dict[str, Round] = {}
         # peer claims heard lately: a peer may hear the word a little before this device does
         self._recent: deque[tuple[float, Claim]] = deque(maxlen=256)
+        self._used: deque[tuple[str, str]] = deque(maxlen=256)  # peer claims a round has taken
         self._sends: set[asyncio.Task] = set()
 
     @property
@@ -227,7 +228,8 @@ class Arbiter:
             assert self.peer is not None
             self.peer.announce(claim)
             for received, other in self._recent:
-                self._match(round_, other, received)
+                if (other.device_id, other.turn_id) not in self._used:  # not an earlier word's
+                    self._match(round_, other, received)
         if not linked and not expected:
             self._resolve(round_, True, self.device_id, "alone")
         else:
@@ -278,6 +280,7 @@ class Arbiter:
         if abs(received - round_.started) > max(round_.window_s, LATE_CLAIM_S):
             return
         round_.peer_claims[claim.device_id] = claim
+        self._used.append((claim.device_id, claim.turn_id))
         self._peer_progress(round_)
 
     def _peer_progress(self, round_: Round) -> None:
@@ -366,7 +369,9 @@ class WakeRounds:
     async def claim(self, claim: Claim) -> None:
         now = self.clock()
         self.rounds = [r for r in self.rounds if now - r.first_at < ROUND_MEMORY_S]
+        # one claim per device and round: a device's second claim is a new wake word
         round_ = next((r for r in self.rounds if r.room == claim.room
+                       and claim.device_id not in r.claims
                        and abs(claim.at - r.first_at) <= max(r.window_s, LATE_CLAIM_S)), None)
         if round_ is None:
             round_ = PlaneRound(claim.room, claim.at, claim.window_ms / 1000)

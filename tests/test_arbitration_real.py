@@ -133,7 +133,13 @@ def _one_answers(fleet: Fleet, env: dict[str, str], clips: dict[str, Path], turn
     assert len(won) == 1, {d: _verdicts(fleet, d)[-1] for d in GAINS_DB}
     winner, loser = won[0], _other(won[0])
     until(lambda: _answers(fleet)[winner][0] == before[winner][0] + 1, 120, f"{winner}'s answer")
-    until(lambda: all(_state(fleet, d) == "idle" for d in GAINS_DB), 60, "both idle")
+    seen: dict[str, str | None] = {}
+
+    def idle() -> bool:
+        seen.update({d: _state(fleet, d) for d in GAINS_DB})
+        return all(state == "idle" for state in seen.values())
+
+    until(idle, 120, f"both idle (last seen: {seen})")
     assert _answers(fleet)[loser] == before[loser]
     assert _verdicts(fleet, loser)[-1]["winner"] == winner
     return winner
@@ -165,5 +171,8 @@ def _messages(fleet: Fleet, device: str, type_: str) -> list[dict]:
 
 
 def _state(fleet: Fleet, device: str) -> str | None:
-    status, state = http("GET", f"{fleet.api(device)}/v1/state", timeout=5)
-    return state["pipeline_state"] if status == 200 else None
+    try:
+        status, state = http("GET", f"{fleet.api(device)}/v1/state", timeout=10)
+    except OSError as exc:
+        return f"unreachable: {exc}"
+    return state["pipeline_state"] if status == 200 else f"HTTP {status}"
