@@ -224,7 +224,7 @@ async def start_device(name: str, room: str, tmp: Path, proxy_port: int, udp_por
                          clock=clock, impair=network.datagram)
     await peer.start()
     arbiter.peer = peer
-    app.extensions["arbiter"] = arbiter  # where the link hands wake_arbitration results
+    app.arbiter = arbiter  # where the link hands wake_arbitration results
     return Device(name, room, app, link, arbiter, peer, asyncio.create_task(link.run()))
 
 
