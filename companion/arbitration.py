@@ -73,6 +73,45 @@ def measure_wake(pcm: bytes, *, sample_rate: int = 16000, word_s: float = WORD_S
     return WakeSignal(round(level, 1), round(max(0.0, level - noise), 1))
 
 
+class AudioClock:
+    """When the audio now being processed was heard, on the wall clock.
+
+    A loaded device detects late: the wake word model runs behind the microphone, and the time
+    of the detection can be a second after the word (measured: 1.2 s between two daemons on a
+    loaded 2-core machine). Blocks come at a fixed rate, so block n was captured at
+    ``t0 + n·block_s``; every arrival gives ``arrival − n·block_s ≥ t0`` (queueing only adds),
+    and the smallest value over the last ``window_blocks`` (a sliding minimum, so the sound
+    card's clock drift does not accumulate) is the estimate of ``t0``."""
+
+    MAX_LAG_S = 5.0  # more than this is not lag but audio faster than real time (a WAV file)
+
+    def __init__(self, block_s: float, *, window_blocks: int = 1000,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.block_s = block_s
+        self.window = window_blocks
+        self.clock = clock
+        self.blocks = 0
+        self._minima: deque[tuple[int, float]] = deque()  # (block, offset), offsets increasing
+
+    def tick(self) -> None:
+        """A block has arrived."""
+        self.blocks += 1
+        offset = self.clock() - self.blocks * self.block_s
+        while self._minima and self._minima[-1][1] >= offset:
+            self._minima.pop()
+        self._minima.append((self.blocks, offset))
+        while self._minima[0][0] <= self.blocks - self.window:
+            self._minima.popleft()
+
+    def lag_s(self, behind_blocks: int = 0) -> float:
+        """How long ago the block ``behind_blocks`` before the latest one was heard."""
+        if not self._minima:
+            return 0.0
+        heard = self._minima[0][1] + (self.blocks - behind_blocks) * self.block_s
+        lag = self.clock() - heard
+        return lag if 0.0 <= lag <= self.MAX_LAG_S else 0.0
+
+
 # --- the rule ----------------------------------------------------------------------------------------
 
 
@@ -204,16 +243,17 @@ class Arbiter:
     def peers_on(self) -> bool:
         return self.peer is not None and self.settings.peer
 
-    def begin(self, turn_id: str, word: str, score: float, signal: WakeSignal) -> Round | None:
-        """Open the round of a wake word; None when there is nobody to arbitrate with (no
-        link, no peers): the device answers as it always did."""
+    def begin(self, turn_id: str, word: str, score: float, signal: WakeSignal, *,
+              lag_s: float = 0.0) -> Round | None:
+        """Open the round of a wake word heard ``lag_s`` ago (AudioClock); None when there is
+        nobody to arbitrate with (no link, no peers): the device answers as it always did."""
         s = self.settings
         control = self._control()
         linked = control is not None and control.connected
         if not s.enabled or not (linked or self.peers_on):
             return None
-        now = self.monotonic()
-        at = control.plane_time() if control is not None else self.clock()
+        now = self.monotonic() - lag_s
+        at = (control.plane_time() if control is not None else self.clock()) - lag_s
         claim = Claim(self.device_id, s.room, turn_id, word, score, signal.level_dbfs,
                       signal.snr_db, at, s.window_ms)
         expected = self.peer.peers_in(s.room) if self.peer is not None and s.peer else set()

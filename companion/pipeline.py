@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from companion.arbitration import Arbiter, Round, measure_wake
+from companion.arbitration import Arbiter, AudioClock, Round, measure_wake
 from companion.conversation import ConversationManager, Reply
 from companion.devices.audio import AudioSource
 from companion.events import EventBus, EventType, PipelineState
@@ -83,6 +83,7 @@ class VoiceLoop:
         self._heard: deque[bytes] = deque(
             maxlen=max(1, int(WAKE_CONTEXT_S * 1000 / settings.audio.block_ms)))
         self._rounds: dict[str, Round] = {}
+        self._audio_clock = AudioClock(settings.audio.block_ms / 1000)  # when a word was heard
 
     # --- the microphone pump --------------------------------------------------------------------
 
@@ -98,6 +99,7 @@ class VoiceLoop:
                 if hold_while_answering:
                     while self.busy and not self._listening and self.turn is not None:
                         await asyncio.wait({self.turn})
+                self._audio_clock.tick()
                 await self._route(block)
         finally:
             self.source_ended.set()
@@ -151,7 +153,9 @@ class VoiceLoop:
         self._heard.clear()
         if self.arbiter is None:
             return
-        round_ = self.arbiter.begin(turn_id, detection.word, detection.score, measure_wake(heard))
+        lag_s = self._audio_clock.lag_s(behind_blocks=len(self._wake_backlog))
+        round_ = self.arbiter.begin(turn_id, detection.word, detection.score, measure_wake(heard),
+                                    lag_s=lag_s)
         if round_ is None:
             return
         self._rounds[turn_id] = round_

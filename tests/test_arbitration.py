@@ -306,3 +306,25 @@ async def test_a_late_result_counts_until_the_gate_and_no_result_means_answer():
     assert (await silent.commit()).won
     assert [p["turn_id"] for p in link.sent] == ["t-late", "t-silent"]
     assert link.sent[0]["at"] == 1000.0 and link.sent[0]["room"] == "hall"
+
+
+def test_the_audio_clock_dates_a_word_heard_by_a_detector_running_behind():
+    from companion.arbitration import AudioClock
+
+    now = [0.0]
+    clock = AudioClock(0.03, window_blocks=100, clock=lambda: now[0])
+    for _ in range(50):  # on time: a block every 30 ms
+        now[0] += 0.03
+        clock.tick()
+    assert clock.lag_s() == pytest.approx(0.0, abs=1e-9)
+    now[0] += 1.0  # the detector stalls for a second; the blocks wait in the queue
+    for _ in range(10):  # then drains them quickly
+        now[0] += 0.001
+        clock.tick()
+    assert clock.lag_s() == pytest.approx(now[0] - 60 * 0.03)  # block 60 was heard at 1.8 s
+    assert clock.lag_s() > 0.7
+    assert clock.lag_s(behind_blocks=2) == pytest.approx(clock.lag_s() + 0.06)
+    for _ in range(500):  # a WAV read as fast as possible: no lag to speak of, never negative
+        now[0] += 0.0001
+        clock.tick()
+    assert 0.0 <= clock.lag_s() <= AudioClock.MAX_LAG_S
