@@ -34,7 +34,7 @@ log = structlog.get_logger(__name__)
 
 SILENCE_DBFS = -120.0  # the level of digital silence (log of zero is not a number)
 WORD_S = 1.0  # the wake word's audio: the last second before the detector fired
-PLANE_COLLECT = 0.5  # the control plane waits at most this share of the window for claims
+PLANE_COLLECT = 0.75  # the control plane waits at most this share of the window for claims
 ROUND_MEMORY_S = 10.0
 # claims of one room this close are one wake word, even when the window says otherwise: a busy
 # device hears (detects) late; the verdict still counts until its answer starts
@@ -391,7 +391,7 @@ class WakeRounds:
     window (or LATE_CLAIM_S: a busy device detects late), decides by the rule and tells each
     claimant. It answers at once when every
     connected member of the room has claimed (a device alone in its room waits for nothing);
-    otherwise it waits until half the window after the earliest wake, so the result reaches
+    otherwise it waits until 3/4 of the window after the earliest wake, so the result reaches
     the devices before their own window closes. A claim that comes after the decision is
     told the same winner: one answer matters more than the best one."""
 

@@ -139,7 +139,10 @@ def _one_answers(fleet: Fleet, env: dict[str, str], clips: dict[str, Path], turn
         seen.update({d: _state(fleet, d) for d in GAINS_DB})
         return all(state == "idle" for state in seen.values())
 
-    until(idle, 120, f"both idle (last seen: {seen})")
+    try:
+        until(idle, 120, "both idle")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last seen: {seen}") from None
     assert _answers(fleet)[loser] == before[loser]
     assert _verdicts(fleet, loser)[-1]["winner"] == winner
     return winner
