@@ -1,7 +1,8 @@
 """Two real daemons (`companion run`: real models, real sounddevice on a private PulseAudio) hear
-the same spoken clip at different gains, each through its own microphone (a null sink's
-monitor): exactly one answers, first through the dev control plane, then, with the control plane
-killed, peer to peer over real UDP multicast on loopback."""
+the same spoken clip at different gains, each through its own microphone (one channel of a
+stereo null sink's monitor, so both hear it at the same instant): exactly one answers, first
+through the dev control plane, then, with the control plane killed, peer to peer over real UDP
+multicast on loopback."""
 
 from __future__ import annotations
 
@@ -23,19 +24,27 @@ pytestmark = [pytest.mark.models, pytest.mark.audio]
 GAINS_DB = {"hall": 0.0, "kitchen": -8.0}  # hall is nearer the speaker
 
 
-def scaled(source: Path, out: Path, gain_db: float, seed: int) -> Path:
-    """The clip at a gain, over room noise of -60 dBFS (the noise floor the SNR is measured
-    against), with 2 s of that noise first."""
+CHANNELS = {"hall": "front-left", "kitchen": "front-right"}  # one stereo room, two microphones
+
+
+def room_clip(source: Path, out: Path) -> Path:
+    """The clip as a stereo WAV, one channel per device at its gain, over room noise of -60 dBFS
+    (the floor the SNR is measured against), with 2 s of that noise first. One player plays
+    both channels: the devices hear the word at the same instant."""
     with wave.open(str(source)) as wav:
         rate = wav.getframerate()
         pcm = np.frombuffer(wav.readframes(wav.getnframes()), np.int16).astype(np.float64)
-    audio = np.concatenate([np.zeros(2 * rate), pcm * 10 ** (gain_db / 20)])
-    audio += np.random.default_rng(seed).normal(0, 33, len(audio))
+    rng = np.random.default_rng(0)
+    channels = []
+    for name in CHANNELS:
+        audio = np.concatenate([np.zeros(2 * rate), pcm * 10 ** (GAINS_DB[name] / 20)])
+        channels.append(audio + rng.normal(0, 33, len(audio)))
     with wave.open(str(out), "wb") as wav:
-        wav.setnchannels(1)
+        wav.setnchannels(2)
         wav.setsampwidth(2)
         wav.setframerate(rate)
-        wav.writeframes(np.clip(audio, -32768, 32767).astype(np.int16).tobytes())
+        wav.writeframes(np.clip(np.stack(channels, axis=1), -32768, 32767).astype(np.int16)
+                        .tobytes())
     return out
 
 
@@ -52,25 +61,24 @@ def log_events(fleet: Fleet, device: str, event: str) -> list[dict]:
     return found
 
 
-def play_to_both(env: dict[str, str], clips: dict[str, Path]) -> None:
-    """Each device's air gets the clip at once (two paplay processes started together)."""
-    players = [subprocess.Popen(["paplay", f"--device={name}_air", str(path)], env=env)
-               for name, path in clips.items()]
-    for player in players:
-        assert player.wait(30) == 0
+def play(env: dict[str, str], clip: Path) -> None:
+    subprocess.run(["paplay", "--device=room", str(clip)], env=env, check=True, timeout=60)
 
 
 def test_two_real_daemons_one_answers_via_the_plane_then_peer_to_peer(tmp_path: Path):
     # a local command: the answer needs no LLM (its warm-up can take a minute on a loaded CI)
     question = make(tmp_path / "q.wav", wake="Hey Jarvis.", text="What time is it?",
                     gap_s=0.6, tail_s=2.0)
-    clips = {name: scaled(question, tmp_path / f"{name}.wav", gain, seed)
-             for seed, (name, gain) in enumerate(GAINS_DB.items())}
+    clip = room_clip(question, tmp_path / "room.wav")
     udp_port = free_udp_port()
     with private_pulseaudio(tmp_path) as env:
-        for name in GAINS_DB:
-            subprocess.run(["pactl", "load-module", "module-null-sink", f"sink_name={name}_air",
-                            "rate=16000", "channels=1"], env=env, check=True, capture_output=True)
+        subprocess.run(["pactl", "load-module", "module-null-sink", "sink_name=room",
+                        "rate=16000", "channels=2"], env=env, check=True, capture_output=True)
+        for name, channel in CHANNELS.items():  # each device's microphone: one channel of it
+            subprocess.run(["pactl", "load-module", "module-remap-source", "master=room.monitor",
+                            f"source_name={name}_mic", "channels=1",
+                            f"master_channel_map={channel}", "channel_map=mono"],
+                           env=env, check=True, capture_output=True)
         fleet = Fleet(tmp_path)
         try:
             fleet.start_plane()
@@ -82,7 +90,7 @@ def test_two_real_daemons_one_answers_via_the_plane_then_peer_to_peer(tmp_path: 
                   "peer transports up")
 
             # 1. with the control plane: it decides, one stops, the other answers
-            winner = _one_answers(fleet, env, clips, 1)
+            winner = _one_answers(fleet, env, clip, 1)
             claims = {d: _messages(fleet, d, "wake_detected") for d in GAINS_DB}
             assert all(len(c) == 1 for c in claims.values()), claims
             snr = {d: c[0]["payload"]["snr_db"] for d, c in claims.items()}
@@ -100,7 +108,7 @@ def test_two_real_daemons_one_answers_via_the_plane_then_peer_to_peer(tmp_path: 
             for name in GAINS_DB:
                 until(lambda d=name: not http("GET", f"{fleet.api(d)}/v1/state", timeout=5)[1][
                     "control_plane"]["connected"], 30, f"{name} sees the plane down")
-            winner = _one_answers(fleet, env, clips, 2)
+            winner = _one_answers(fleet, env, clip, 2)
             verdicts = {d: _verdicts(fleet, d)[-1] for d in GAINS_DB}
             assert {v["source"] for v in verdicts.values()} == {"peer"}, verdicts
             if _other(winner) in verdicts[winner]["peers"]:  # it heard the other's claim
@@ -123,11 +131,11 @@ def _answers(fleet: Fleet) -> dict[str, tuple[int, int]]:
             for d in GAINS_DB}
 
 
-def _one_answers(fleet: Fleet, env: dict[str, str], clips: dict[str, Path], turns: int) -> str:
+def _one_answers(fleet: Fleet, env: dict[str, str], clip: Path, turns: int) -> str:
     """Play the clip to both; exactly one device answers (the other stops silently before it
     transcribes). Returns the one that answered."""
     before = _answers(fleet)
-    play_to_both(env, clips)
+    play(env, clip)
     until(lambda: all(len(_verdicts(fleet, d)) == turns for d in GAINS_DB), 90, "both verdicts")
     won = [d for d in GAINS_DB if _verdicts(fleet, d)[-1]["won"]]
     assert len(won) == 1, {d: _verdicts(fleet, d)[-1] for d in GAINS_DB}
@@ -151,11 +159,11 @@ def _one_answers(fleet: Fleet, env: dict[str, str], clips: dict[str, Path], turn
 def _start(fleet: Fleet, name: str, env: dict[str, str], udp_port: int) -> None:
     port = fleet.api_ports.setdefault(name, free_port())
     fleet._spawn(name, ["-m", "companion", "run"], {
-        **env, "PULSE_SOURCE": f"{name}_air.monitor", "PULSE_SINK": "vspeaker",
+        **env, "PULSE_SOURCE": f"{name}_mic", "PULSE_SINK": "vspeaker",
         "COMPANION_DEVICE_ID": name, "COMPANION_DATA_DIR": str(fleet.tmp / name),
         "COMPANION_API__PORT": str(port), "COMPANION_GPIO__ENABLED": "false",
         "COMPANION_LOG_FORMAT": "json", "COMPANION_AUDIO__INPUT_DEVICE": "pulse",
-        "COMPANION_AUDIO__OUTPUT_DEVICE": "pulse",
+        "COMPANION_AUDIO__OUTPUT_DEVICE": "pulse", "COMPANION_API__RATE_LIMIT_PER_MINUTE": "100000",
         "COMPANION_PIPELINE__FOLLOW_UP_WINDOW_S": "0",
         "COMPANION_CONTROL_PLANE__URL": f"ws://127.0.0.1:{fleet.plane_port}",
         "COMPANION_CONTROL_PLANE__TOKEN": TOKEN, "COMPANION_CONTROL_PLANE__HEARTBEAT_S": "1",
