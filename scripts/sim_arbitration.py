@@ -151,7 +151,7 @@ class Device:
 
 def start_plane(port: int, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "companion.control.devserver", "serve", "--port", str(port),
+        [sys.executable, "-m", "companion_dev.controlplane", "serve", "--port", str(port),
          "--token", TOKEN], stdout=log.open("a"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
 
 
