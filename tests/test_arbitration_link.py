@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 
 from companion.events import EventType, PipelineState
@@ -16,6 +17,7 @@ from tests.control_helpers import control_plane, linked_device, url
 from tests.fakes import BLOCK, FakeChatModel, FakeSpeaker, speech_block
 
 BLOCK_SAMPLES = 480
+ADMIN = "room-admin"
 
 
 def clip(gain_db: float, seed: int) -> list[bytes]:
@@ -69,7 +71,7 @@ def types(events) -> list[EventType]:
 
 async def test_two_daemons_one_wake_word_exactly_one_answers(tmp_path: Path):
     gate = asyncio.Event()
-    async with control_plane() as plane, contextlib.AsyncExitStack() as stack:
+    async with control_plane(admin_token=ADMIN) as plane, contextlib.AsyncExitStack() as stack:
         devices = {}
         for name, gain in (("kitchen", -6.0), ("hall", 0.0)):
             devices[name] = await stack.enter_async_context(
@@ -93,6 +95,7 @@ async def test_two_daemons_one_wake_word_exactly_one_answers(tmp_path: Path):
         decision = plane.wake_rounds.decisions[-1]
         assert decision["winner_device_id"] == "hall" and set(decision["claims"]) == {
             "hall", "kitchen"}
+        await _announcements_go_to_the_nearest_or_all(plane)
         # both claims reached the plane with the fields of SPEC §9, on its clock
         for name in ("hall", "kitchen"):
             message = plane.messages(name, "wake_detected")[0]
@@ -114,3 +117,21 @@ async def test_a_device_alone_in_its_room_is_not_held_by_the_window(tmp_path: Pa
         verdict = next(e.data for e in attic_events if e.type is EventType.WAKE_ARBITRATION)
         # a 2 s window: waiting for it (or for 3/4 of it on the plane) would show as ≥ 1000 ms
         assert verdict["won"] and verdict["source"] == "control" and verdict["waited_ms"] < 1000
+
+
+async def _announcements_go_to_the_nearest_or_all(plane) -> None:
+    """POST /rooms/{room}/announce: the nearest is the device that last won a wake word."""
+    base = f"http://127.0.0.1:{plane.port}"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN}"}) as http:
+        async def announce(room: str, body: dict) -> tuple[int, dict]:
+            async with http.post(f"{base}/rooms/{room}/announce", json=body) as response:
+                return response.status, await response.json()
+
+        status, sent = await announce("hall", {"payload": {"text": "Lunch!"}})
+        assert status == 202 and sent["target"] == "nearest" and set(sent["commands"]) == {"hall"}
+        status, sent = await announce("hall", {"payload": {"text": "Fire drill."},
+                                               "target": "all", "type": "broadcast"})
+        assert status == 202 and set(sent["commands"]) == {"hall", "kitchen"}
+        assert (await announce("hall", {"target": "some"}))[0] == 422
+        assert (await announce("attic", {"payload": {"text": "hi"}}))[0] == 404
+    assert [c["type"] for c in plane.commands("kitchen")] == ["broadcast"]
