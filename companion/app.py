@@ -128,6 +128,7 @@ class App:
         if self.features.llm:
             await self._load("llm", lambda: p.llm or _real_llm(s, self.registry, self.compute_gate),
                              attr="llm")
+            self._watch_llm_backend()
             self.conversation = ConversationManager(
                 llm=self.llm, store=self.store, personas=self.personas, settings=s.llm,
                 bus=self.bus, default_persona=s.personas.default,
@@ -187,6 +188,26 @@ class App:
         setattr(self, attr, value)
         log.info("component ready", component=component, detail=name, load_ms=round(took, 1))
         return value
+
+    def _watch_llm_backend(self) -> None:
+        """With a remote LLM: its fallbacks and breaker changes become events, the
+        ``llm_remote`` component of /ready/all and metrics."""
+        observe = getattr(self.llm, "add_observer", None)
+        if observe is None:
+            return
+        observe(self._on_llm_backend)
+        self._on_llm_backend("breaker", state="closed", previous=None)  # the starting state
+
+    def _on_llm_backend(self, kind: str, **data: Any) -> None:
+        turn_id = structlog.contextvars.get_contextvars().get("turn_id")
+        if kind == "fallback":
+            self.bus.emit(EventType.LLM_FALLBACK, turn_id, **data)
+            return
+        state = data.get("state")
+        detail = (f"{self.llm.model_name}: in use" if state == "closed" else
+                  f"{self.llm.model_name}: breaker {state}; the local model answers")
+        self.status.set_component("llm_remote", state == "closed", detail)
+        self.bus.emit(EventType.LLM_BACKEND, turn_id, **data)
 
     async def _open_audio(self, component: str, build):
         """Probe and open a sound device in a worker thread (PortAudio can take a second to
@@ -343,6 +364,9 @@ class App:
         close = getattr(self.sink, "close", None)
         if close is not None:
             close()
+        remote = getattr(getattr(self, "llm", None), "aclose", None)  # llm.backend = openai
+        if remote is not None and self.parts.llm is None:
+            await remote()
         for name in ("llm", "stt"):  # the models it built (an injected one is the caller's)
             shutdown = getattr(getattr(self, name, None), "close", None)
             if shutdown is not None and getattr(self.parts, name) is None:
@@ -401,7 +425,14 @@ def _real_llm(s: CompanionSettings, registry: ModelRegistry,
               gate: ComputeGate | None = None) -> ChatModel:
     from companion.stages.llm import LlamaCppChatModel
 
-    return LlamaCppChatModel(s.llm, registry, gate=gate)
+    local = LlamaCppChatModel(s.llm, registry, gate=gate)
+    if s.llm.backend == "local":
+        return local
+    from companion.stages.fallback_llm import FallbackChatModel
+    from companion.stages.remote_llm import RemoteChatModel
+
+    return FallbackChatModel(RemoteChatModel(s.llm), local, failures=s.llm.breaker_failures,
+                             reset_s=s.llm.breaker_reset_s)
 
 
 def _real_stt(s: CompanionSettings, registry: ModelRegistry,

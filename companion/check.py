@@ -56,6 +56,7 @@ def _run_checks(settings: CompanionSettings, skip: set[str]) -> Report:
     report.add("settings", True, f"device_id={settings.device_id} data_dir={settings.data_dir}")
     registry = ModelRegistry(settings.models_dir)
     _check_models(settings, registry, report)
+    _check_remote_llm(settings, report)
     _check_personas(settings, registry, report)
     _check_storage(settings, report)
     if "audio" in skip:
@@ -117,6 +118,24 @@ def _check_personas(settings: CompanionSettings, registry: ModelRegistry, report
                + (f"; rejected: {'; '.join(map(str, errors))}" if errors else ""))
     if settings.personas.default not in library:
         report.add("personas.default", False, f"{settings.personas.default!r} is not loaded")
+
+
+def _check_remote_llm(settings: CompanionSettings, report: Report) -> None:
+    """With llm.backend = openai: can the server be reached, and does it know the model?"""
+    llm = settings.llm
+    if llm.backend != "openai":
+        return
+    from openai import OpenAI, OpenAIError
+
+    key = llm.api_key.get_secret_value() if llm.api_key else "not-needed"
+    try:
+        with OpenAI(base_url=llm.base_url, api_key=key, max_retries=0, timeout=5.0) as client:
+            served = [m.id for m in client.models.list()]
+    except OpenAIError as exc:
+        report.add("remote llm", False, f"{llm.base_url}: {type(exc).__name__}: {exc} (the "
+                   "local model answers until it is back)")
+        return
+    report.add("remote llm", True, f"{llm.base_url} serves {', '.join(served[:3]) or 'no model'}")
 
 
 def _check_storage(settings: CompanionSettings, report: Report) -> None:

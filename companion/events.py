@@ -32,6 +32,7 @@ class EventType(StrEnum):
     LLM_FIRST_TOKEN = "llm-first-token"
     LLM_SENTENCE = "llm-sentence"
     LLM_END = "llm-end"
+    LLM_FALLBACK = "llm-fallback"  # a reply came from the local model: the remote one failed
     TTS_START = "tts-start"
     TTS_END = "tts-end"
     PLAYBACK_START = "playback-start"
@@ -51,6 +52,7 @@ class EventType(StrEnum):
     LED_OVERRIDE = "led-override"
     AUDIO_DEVICE = "audio-device"
     CONTROL_LINK = "control-link"
+    LLM_BACKEND = "llm-backend"  # the remote LLM's circuit breaker changed state
 
 
 # --- payloads: one frozen dataclass per event type ---------------------------------------------
@@ -246,6 +248,20 @@ class ControlLinkChanged(Payload):
     error: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LlmFallback(Payload):
+    reason: str  # connect | dropped | http | protocol | first_token_timeout | stall | breaker_open
+    detail: str
+    partial_chars: int  # what the remote model had said before it failed
+    breaker: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LlmBackend(Payload):
+    state: str  # the remote LLM's circuit breaker: closed | open | half-open
+    previous: str | None = None
+
+
 PAYLOADS: dict[EventType, type[Payload]] = {
     EventType.WAKE_DETECTED: WakeDetected,
     EventType.WAKE_ARBITRATION: WakeArbitration,
@@ -279,6 +295,8 @@ PAYLOADS: dict[EventType, type[Payload]] = {
     EventType.LED_OVERRIDE: LedOverride,
     EventType.AUDIO_DEVICE: AudioDevice,
     EventType.CONTROL_LINK: ControlLinkChanged,
+    EventType.LLM_FALLBACK: LlmFallback,
+    EventType.LLM_BACKEND: LlmBackend,
 }
 
 

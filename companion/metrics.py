@@ -53,6 +53,11 @@ class Metrics:
                                        buckets=STAGE_BUCKETS, registry=r)
         self.voice_turns = Counter("companion_voice_turns", "Voice turns by outcome.",
                                    ["outcome"], registry=r)
+        self.llm_fallbacks = Counter("companion_llm_fallbacks", "Replies the local model "
+                                     "wrote because the remote LLM failed.", ["reason"], registry=r)
+        self.llm_remote_up = Gauge("companion_llm_remote_up", "1 while the remote LLM's circuit "
+                                   "breaker is closed (0 open or half-open).", registry=r)
+        self.remote_breaker: str | None = None
         self.last_inference_ms: float | None = None
 
     # --- feeding --------------------------------------------------------------------------------
@@ -85,6 +90,11 @@ class Metrics:
             self.voice_turns.labels("error").inc()
         elif event.type is EventType.TURN_CANCELLED:
             self.voice_turns.labels("cancelled").inc()
+        elif event.type is EventType.LLM_FALLBACK:
+            self.llm_fallbacks.labels(str(event.data.get("reason") or "unknown")).inc()
+        elif event.type is EventType.LLM_BACKEND:
+            self.remote_breaker = str(event.data.get("state"))
+            self.llm_remote_up.set(1 if self.remote_breaker == "closed" else 0)
         elif event.type is EventType.LLM_END:
             took = event.data.get("took_s")
             self.observe_inference("voice", float(took or 0.0),
@@ -130,6 +140,8 @@ class Metrics:
                 "requests": int(self.total("companion_inference_requests_total")),
                 "failures": int(self.total("companion_inference_failures_total")),
                 "time_avg_ms": self._avg_ms("companion_inference_duration_seconds"),
-                "tokens_total": int(self.total("companion_inference_tokens_total"))},
+                "tokens_total": int(self.total("companion_inference_tokens_total")),
+                "fallbacks": int(self.total("companion_llm_fallbacks_total")),
+                "remote_breaker": self.remote_breaker},
             "pipeline": stages,
         }

@@ -133,6 +133,41 @@ class LlmSettings(_Section):
     prefix_cache_size: int = Field(
         8, ge=1, description="Evaluated persona prompts (llama.cpp states) kept in memory."
     )
+    backend: Literal["local", "openai"] = Field(
+        "local", description="`local`: llama.cpp in this process. `openai`: an OpenAI-compatible "
+        "server on the LAN (llama.cpp's server, Ollama, vLLM), with the local model as fallback."
+    )
+    base_url: str | None = Field(
+        None, description="The remote server's API root, e.g. http://192.168.1.20:8080/v1 "
+        "(llama.cpp server) or http://192.168.1.20:11434/v1 (Ollama)."
+    )
+    api_key: SecretStr | None = Field(None, description="Bearer key of the remote server, if any.")
+    remote_model: str = Field(
+        "default", description="Model name sent to the remote server (Ollama: e.g. "
+        "`qwen2.5:1.5b`; llama.cpp's server serves its one model under any name)."
+    )
+    remote_first_token_s: float = Field(
+        4.0, gt=0.0, description="Fall back to the local model when the remote one has not "
+        "sent its first words within this time (connection included)."
+    )
+    remote_stall_s: float = Field(
+        2.0, gt=0.0, description="Fall back when the remote stream goes silent this long."
+    )
+    remote_connect_s: float = Field(1.0, gt=0.0, description="TCP connect timeout.")
+    breaker_failures: int = Field(
+        2, ge=1, description="Consecutive remote failures that open the circuit breaker: the "
+        "local model answers at once, without waiting for the remote one to time out."
+    )
+    breaker_reset_s: float = Field(
+        30.0, gt=0.0, description="How long the breaker stays open before one turn tries the "
+        "remote server again."
+    )
+
+    @model_validator(mode="after")
+    def _remote_needs_url(self) -> LlmSettings:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("llm.backend = 'openai' needs llm.base_url")
+        return self
 
 
 class TtsSettings(_Section):

@@ -56,8 +56,10 @@ async def test_ready_all_lists_every_component(api):
     app.status.recent_turns.extend([])
     async with asyncio.timeout(5):
         body = await (await client.get("/ready/all")).json()
-    assert set(body["components"]) == {"wake_word", "vad", "stt", "llm", "tts", "audio_in",
-                                       "audio_out", "gpio", "control_plane", "storage"}
+    assert set(body["components"]) == {"wake_word", "vad", "stt", "llm", "llm_remote", "tts",
+                                       "audio_in", "audio_out", "gpio", "control_plane", "storage"}
+    assert body["components"]["llm_remote"] == {
+        "healthy": True, "enabled": False, "detail": "llm.backend is local", "latency_ms": None}
     assert body["components"]["llm"]["healthy"] and body["components"]["llm"]["enabled"]
     assert body["components"]["storage"]["latency_ms"] is not None
     assert body["components"]["control_plane"]["enabled"] is False

@@ -342,6 +342,10 @@ class InferenceMetrics(_Response):
     failures: int
     time_avg_ms: float | None
     tokens_total: int
+    fallbacks: int = Field(0, description="Replies the local model wrote because the remote "
+                           "LLM (llm.backend = openai) failed or its breaker was open.")
+    remote_breaker: str | None = Field(None, description="The remote LLM's circuit breaker: "
+                                       "closed (in use), open, half-open; null with llm.backend = local.")
 
 
 class StageMetrics(_Response):

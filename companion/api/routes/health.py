@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from companion.app import App
 
 
-COMPONENTS = ("wake_word", "vad", "stt", "llm", "tts", "audio_in", "audio_out", "gpio",
-              "control_plane", "storage")
+COMPONENTS = ("wake_word", "vad", "stt", "llm", "llm_remote", "tts", "audio_in", "audio_out",
+              "gpio", "control_plane", "storage")
 
 
 @route("GET", "/health", summary="Liveness", tag="health", response=s.HealthResponse)
@@ -88,6 +88,8 @@ def _absent_reason(app: App, name: str) -> str:
         return "voice loop off (no microphone)"
     if name == "audio_out":
         return "no audio output"
+    if name == "llm_remote":
+        return "llm.backend is local"
     return "not in use"
 
 
