@@ -152,7 +152,8 @@ class Device:
 def start_plane(port: int, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "companion_dev.controlplane", "serve", "--port", str(port),
-         "--token", TOKEN], stdout=log.open("a"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+         "--token", TOKEN, "--admin-token", "sim-admin"], stdout=log.open("a"),
+        stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
 
 
 async def poll(predicate, limit_s: float) -> None:
