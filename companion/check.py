@@ -69,7 +69,9 @@ def _run_checks(settings: CompanionSettings, skip: set[str]) -> Report:
         _check_gpio(settings, report)
     cp = settings.control_plane
     report.add("control_plane", True,
-               f"{cp.url} (token {'set' if cp.token else 'MISSING'})" if cp.enabled
+               f"{cp.url} (token {'set' if cp.token else 'MISSING'}"
+               f"{'; clear text, allowed by allow_insecure_ws' if cp.clear_text else ''})"
+               if cp.enabled
                else "not configured (device works on its own)")
     if cp.enabled and not cp.token:
         report.lines[-1].ok = False

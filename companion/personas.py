@@ -48,7 +48,9 @@ class Character(_Strict):
 
 
 class VoiceConfig(_Strict):
-    voice: str = Field("en_US-joe-medium", description="piper voice (models/manifest.toml)")
+    voice: str = Field("en_US-joe-medium", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$",
+                       description="piper voice: a name from models/manifest.toml, never a path "
+                       "(a persona file must not make the daemon load a file from elsewhere)")
     speaker_id: int | None = Field(None, ge=0)
     length_scale: float = Field(1.0, gt=0.3, le=3.0, description="> 1 speaks slower")
     volume: float = Field(1.0, gt=0.0, le=2.0)

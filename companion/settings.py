@@ -8,10 +8,13 @@ else ``/etc/companion/companion.toml``). Every model is frozen: a run-time chang
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
+import ssl
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -20,6 +23,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from companion.credentials import fill_secrets
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_CANDIDATES = (Path("companion.toml"), Path("/etc/companion/companion.toml"))
@@ -31,13 +36,28 @@ def _default_data_dir() -> Path:
     return Path.home() / ".local/share/companion"
 
 
+def is_loopback_host(host: str | None) -> bool:
+    """True for names and addresses that never leave this machine (127.0.0.0/8, ::1,
+    localhost): the one place the daemon decides what "loopback" means."""
+    if not host:
+        return False
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _default_device_id() -> str:
     name = socket.gethostname().split(".")[0].lower()
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name) or "companion"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # hide_input_in_errors: a refused section must not print its secrets in the error
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
 
 class AudioSettings(_Section):
@@ -195,7 +215,17 @@ class GpioSettings(_Section):
 
 class ControlPlaneSettings(_Section):
     url: str | None = Field(None, description="ws(s)://host:port of the control plane; unset = off.")
-    token: str | None = Field(None, description="Bearer token of this device.")
+    token: SecretStr | None = Field(
+        None, description="Bearer token of this device (a secret: best in a credentials file)."
+    )
+    ca_file: Path | None = Field(
+        None, description="PEM bundle of a private CA that signed the control plane's "
+        "certificate; it replaces the system's CAs. Certificates are always verified."
+    )
+    allow_insecure_ws: bool = Field(
+        False, description="Allow a ws:// (clear-text) url to a host that is not loopback; the "
+        "device token then crosses the network readable by anyone on the path. Logged at start."
+    )
     heartbeat_s: float = Field(15.0, gt=0.0, description="Heartbeat period.")
     backoff_initial_s: float = Field(1.0, gt=0.0, description="First reconnect delay.")
     backoff_max_s: float = Field(60.0, gt=0.0, description="Reconnect delay cap.")
@@ -213,9 +243,49 @@ class ControlPlaneSettings(_Section):
         "otherwise), e.g. [\"media.local\"].",
     )
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError("must be ws://host[:port] or wss://host[:port]")
+        return value
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        try:
+            ssl.create_default_context(cafile=str(value))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot use {value} as a CA bundle: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _no_clear_text_token(self) -> ControlPlaneSettings:
+        if self.clear_text and not self.allow_insecure_ws:
+            raise ValueError(
+                f"ws:// to {self.host} would send the device token in clear text: use wss://, "
+                "or set control_plane.allow_insecure_ws = true on a network you trust")
+        return self
+
     @property
     def enabled(self) -> bool:
         return bool(self.url)
+
+    @property
+    def host(self) -> str | None:
+        return urlsplit(self.url).hostname if self.url else None
+
+    @property
+    def clear_text(self) -> bool:
+        """A ws:// link that leaves this machine (the token is readable on the way)."""
+        return bool(self.url) and urlsplit(self.url).scheme == "ws" \
+            and not is_loopback_host(self.host)
 
 
 class ArbitrationSettings(_Section):
@@ -259,13 +329,16 @@ class ArbitrationSettings(_Section):
 class ApiSettings(_Section):
     host: str = Field("127.0.0.1", description="Bind address; non-loopback needs api.keys.")
     port: int = Field(3000, ge=0, le=65535)
-    keys: list[str] = Field(default_factory=list, description="Accepted Bearer keys.")
+    keys: list[SecretStr] = Field(
+        default_factory=list, description="Accepted Bearer keys (secrets: best in a credentials "
+        "file, one a line)."
+    )
     rate_limit_per_minute: int = Field(60, ge=1, description="Requests per client IP per minute.")
     max_body_bytes: int = Field(65536, ge=1024, description="Largest request body.")
 
     @property
     def is_loopback(self) -> bool:
-        return self.host in {"127.0.0.1", "::1", "localhost"} or self.host.startswith("127.")
+        return is_loopback_host(self.host)
 
     @property
     def unprotected(self) -> str | None:
@@ -307,6 +380,7 @@ class CompanionSettings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        hide_input_in_errors=True,
     )
 
     device_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = Field(
@@ -317,6 +391,11 @@ class CompanionSettings(BaseSettings):
     )
     models_dir: Path = Field(
         PROJECT_ROOT / "models", description="Where models/manifest.toml and local models live."
+    )
+    credentials_dir: Path | None = Field(
+        None, description="Secrets as files named after their setting (control_plane.token, "
+        "api.keys, llm.api_key), each readable by its owner only; unset = $CREDENTIALS_DIRECTORY "
+        "(systemd's LoadCredential=)."
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = Field(
@@ -336,6 +415,11 @@ class CompanionSettings(BaseSettings):
     personas: PersonaSettings = PersonaSettings()
     pipeline: PipelineSettings = PipelineSettings()
     storage: StorageSettings = StorageSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: Any) -> Any:
+        return fill_secrets(data, cls) if isinstance(data, dict) else data
 
     @field_validator("data_dir", "models_dir", mode="after")
     @classmethod

@@ -301,8 +301,13 @@ class Store:
         }
 
     def import_session(self, doc: dict[str, Any], *, origin: str | None = None) -> Session:
-        """Recreate an exported session (same id) so the conversation continues here.
-        Importing the same session again replaces it."""
+        """Recreate an exported session so the conversation continues here.
+
+        The session keeps its id unless a session with that id already holds history here that
+        the export does not contain (the export is not a continuation of it): then the import
+        gets a new id and the local history stays as it was. A replayed export, or a session
+        that went away and comes back grown (kitchen → bedroom → kitchen), replaces the local
+        copy, since everything the local copy holds is in it."""
         if not isinstance(doc, dict) or doc.get("version") != EXPORT_VERSION:
             version = doc.get("version") if isinstance(doc, dict) else None
             raise ValueError(f"unsupported session export version {version!r}")
@@ -318,14 +323,16 @@ class Store:
         if any(t["role"] not in ("user", "assistant") for t in turns):
             raise ValueError("malformed session export: a turn's role is not user or assistant")
 
-        def work(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM messages WHERE session_id = ?", (sid,))
-            conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
+        def work(conn: sqlite3.Connection) -> str:
+            # never over a different local history: beside it, under a new id
+            target = sid if _continues(conn, sid, turns) else new_id("ses")
+            conn.execute("DELETE FROM messages WHERE session_id = ?", (target,))
+            conn.execute("DELETE FROM sessions WHERE id = ?", (target,))
             now = time.time()
             conn.execute(
                 "INSERT INTO sessions(id, persona_id, created_at, updated_at, summary, origin) "
                 "VALUES(?,?,?,?,?,?)",
-                (sid, persona_id, float(doc.get("created_at") or now), now,
+                (target, persona_id, float(doc.get("created_at") or now), now,
                  doc.get("summary") or "", origin),
             )
             last_folded = 0
@@ -333,18 +340,27 @@ class Store:
                 cur = conn.execute(
                     "INSERT INTO messages(session_id, turn_id, role, content, persona_id, source,"
                     " created_at) VALUES(?,?,?,?,?,?,?)",
-                    (sid, t["turn_id"], t["role"], t["content"], t["persona_id"], "import",
+                    (target, t["turn_id"], t["role"], t["content"], t["persona_id"], "import",
                      float(t["created_at"] or now)),
                 )
                 if index <= folded:
                     last_folded = int(cur.lastrowid or 0)
             conn.execute("UPDATE sessions SET summarized_upto = ? WHERE id = ?",
-                         (last_folded, sid))
+                         (last_folded, target))
+            return target
 
-        self.transaction(work)
-        session = self.get_session(sid)
+        session = self.get_session(self.transaction(work))
         assert session is not None
         return session
+
+
+def _continues(conn: sqlite3.Connection, sid: str, turns: list[dict[str, Any]]) -> bool:
+    """True when session ``sid`` does not exist here, or every message it holds here is, in
+    order, at the start of ``turns`` (so replacing it loses nothing)."""
+    local = conn.execute("SELECT turn_id, role, content FROM messages WHERE session_id = ? "
+                         "ORDER BY id", (sid,)).fetchall()
+    incoming = [(t["turn_id"], t["role"], t["content"]) for t in turns[:len(local)]]
+    return len(local) <= len(turns) and [tuple(row) for row in local] == incoming
 
 
 def _message(row: sqlite3.Row) -> Message:

@@ -52,7 +52,7 @@ def test_missing_field_is_named():
 
 
 def test_backoff_is_full_jitter_exponential_capped_and_spread_after_a_drop():
-    settings = ControlPlaneSettings(url="ws://x", backoff_initial_s=1, backoff_max_s=8,
+    settings = ControlPlaneSettings(url="wss://x", backoff_initial_s=1, backoff_max_s=8,
                                     reconnect_spread_s=5)
     backoff = Backoff(lambda: settings, rng=lambda: 1.0)  # the top of each window
     assert [backoff.next_delay() for _ in range(6)] == [1, 2, 4, 8, 8, 8]
@@ -424,3 +424,11 @@ async def test_utterances_go_up_as_audio_stream_when_configured(tmp_path):
         assert speech_block() * 20 in pcm
         transcript = (await plane.wait_for(lambda: plane.messages("dev-a", "transcript")))[0]
         assert transcript["payload"]["turn_id"] == payload["turn_id"]
+
+
+def test_a_deeply_nested_frame_is_refused_not_a_crash():
+    raw = '{"id": "c1", "type": "announce", "payload": {"payload": ' + "[" * 100_000 \
+        + "]" * 100_000 + "}}"
+    with pytest.raises(ProtocolError) as info:
+        parse_server_frame(raw, max_bytes=1 << 20)
+    assert info.value.code == "malformed_json" and "nested" in info.value.message

@@ -123,7 +123,7 @@ async def test_internal_error_is_json_without_traceback(api):
 # --- auth and rate limit -------------------------------------------------------------------------
 
 
-async def test_bearer_key_required_on_v1_only(aiohttp_client, tmp_path):
+async def test_bearer_key_required_on_v1_and_the_detail(aiohttp_client, tmp_path):
     client, app = await start_api(aiohttp_client, tmp_path, api={"keys": ["k1", "other-key"]})
     async with asyncio.timeout(5):
         r = await client.get("/v1/state")
@@ -136,10 +136,22 @@ async def test_bearer_key_required_on_v1_only(aiohttp_client, tmp_path):
         assert (await client.get("/v1/state", headers={"Authorization": "Bearer k1"})).status == 200
         assert (await client.get("/v1/state",
                                  headers={"Authorization": "bearer other-key"})).status == 200
-        for open_path in ("/health", "/ready", "/ready/all", "/metrics", "/metrics/prometheus",
-                          "/api-docs/openapi.json"):
+        for open_path in ("/health", "/ready"):  # probes stay open
             assert (await client.get(open_path)).status == 200, open_path
+        # what tells paths, URLs and counters needs the key (issue 12)
+        for detail in ("/ready/all", "/metrics", "/metrics/prometheus", "/api-docs/openapi.json"):
+            await error_of(await client.get(detail), 401, "UNAUTHORIZED")
+            r = await client.get(detail, headers={"Authorization": "Bearer k1"})
+            assert r.status == 200, detail
     await app.aclose()
+
+
+async def test_without_keys_on_loopback_everything_is_open(api):
+    client, _ = api
+    async with asyncio.timeout(5):
+        for path in ("/health", "/ready", "/ready/all", "/metrics", "/api-docs/openapi.json",
+                     "/v1/state"):
+            assert (await client.get(path)).status == 200, path
 
 
 async def test_rate_limit_per_ip_with_headers(aiohttp_client, tmp_path):
@@ -461,7 +473,7 @@ async def test_state_with_a_control_link_that_never_connected(api):
 
     client, app = api
     app.settings = app.settings.model_copy(update={"control_plane": app.settings.control_plane
-                                                   .model_copy(update={"url": "ws://cp"})})
+                                                   .model_copy(update={"url": "wss://cp"})})
     link = ControlLink(app)  # the real link object, not started: it never connected
     link.status.retries = 4
     async with asyncio.timeout(5):

@@ -200,3 +200,13 @@ def test_examples_are_part_of_the_cached_persona_prompt(tmp_path):
     messages = manager.persona_messages(library.get("companion"))
     assert [m["role"] for m in messages] == ["system", "user", "assistant"]
     assert messages[2]["content"] == "The capital of Italy is Rome."
+
+
+@pytest.mark.parametrize("voice", ["/etc/passwd.onnx", "../models/x", "voices/en.onnx",
+                                   "evil.onnx", "~/v.onnx", ""])
+def test_a_persona_voice_is_a_name_never_a_path(tmp_path, voice):
+    path = tmp_path / "p.toml"
+    path.write_text(f'id = "p"\nname = "P"\nsystem_prompt = "x"\n[voice_config]\nvoice = "{voice}"\n')
+    with pytest.raises(PersonaFileError) as info:
+        load_persona_file(path)
+    assert "voice_config.voice" in str(info.value)

@@ -19,15 +19,15 @@ def test_defaults_match_the_contract(monkeypatch, tmp_path):
 def test_toml_file_then_environment_wins(monkeypatch, tmp_path):
     config = tmp_path / "companion.toml"
     config.write_text('device_id = "kitchen"\n[api]\nport = 3100\nkeys = ["a"]\n'
-                      '[control_plane]\nurl = "ws://cp:8080"\n')
+                      '[control_plane]\nurl = "wss://cp:8080"\n')
     monkeypatch.setenv("COMPANION_API__PORT", "3200")
     monkeypatch.setenv("COMPANION_API__KEYS", '["k1", "k2"]')
     monkeypatch.setenv("COMPANION_AUDIO__OUTPUT_DEVICE", "USB Speaker")
     s = load_settings(config)
     assert s.device_id == "kitchen"
     assert s.api.port == 3200
-    assert s.api.keys == ["k1", "k2"]
-    assert s.control_plane.url == "ws://cp:8080"
+    assert [k.get_secret_value() for k in s.api.keys] == ["k1", "k2"]
+    assert s.control_plane.url == "wss://cp:8080"
     assert s.audio.output_device == "USB Speaker"
 
 

@@ -253,3 +253,37 @@ def test_kill_9_during_a_conversation_turn(tmp_path: Path) -> None:
             proc.wait(timeout=10)
         count, turns = _check_consistent(db)
         assert count == 2 * (round_ + 1), turns
+
+
+def _two_turn_export(store: Store, session_id: str, words: str) -> dict:
+    session = store.create_session("companion", session_id=session_id)
+    store.record_turn(session.id, "t1", f"{words}?", f"{words}!", persona_id="companion",
+                      source="voice")
+    return json.loads(json.dumps(store.export_session(session.id)))
+
+
+def test_a_handoff_never_overwrites_a_different_local_history(tmp_path: Path) -> None:
+    here = Store(tmp_path / "here.db")
+    local = _two_turn_export(here, "ses_same", "my own words")
+    other = _two_turn_export(Store(tmp_path / "there.db"), "ses_same", "someone else")
+    imported = here.import_session(other, origin="hall")
+    assert imported.id != "ses_same"  # beside it, under a new id
+    assert [m.content for m in imported.messages] == ["someone else?", "someone else!"]
+    kept = here.export_session("ses_same")
+    assert kept["turns"] == local["turns"]  # the local history is untouched
+
+
+def test_a_handoff_that_continues_the_local_history_replaces_it(tmp_path: Path) -> None:
+    here, there = Store(tmp_path / "here.db"), Store(tmp_path / "there.db")
+    doc = _two_turn_export(here, "ses_trip", "kitchen")
+    there.import_session(doc, origin="kitchen")  # kitchen → bedroom
+    there.record_turn("ses_trip", "t2", "bedroom?", "bedroom!", persona_id="companion",
+                      source="voice")
+    back = json.loads(json.dumps(there.export_session("ses_trip")))
+    imported = here.import_session(back, origin="bedroom")  # … → kitchen, grown
+    assert imported.id == "ses_trip" and len(imported.messages) == 4
+    assert here.import_session(back).id == "ses_trip"  # a replay changes nothing
+    assert len(here.messages("ses_trip")) == 4
+    stale = json.loads(json.dumps(doc))  # an older copy than what is here now
+    assert here.import_session(stale).id != "ses_trip"
+    assert len(here.messages("ses_trip")) == 4

@@ -86,6 +86,8 @@ async def handoff_in(app: App, req: HandoffInRequest, ctx: Context) -> Outcome:
                                      "persona_id": conv.active_persona_id,
                                      "turns": len(session.messages),
                                      "from_device_id": req.from_device_id})
+    if session.id != str(req.session["session_id"]):  # a different history here has that id
+        outcome.result["renamed_from"] = str(req.session["session_id"])
     if req.notify_user and app.speech.sink is not None:
         greeting = req.greeting or "Hello again! I have our conversation here. Let's carry on."
         priority = ctx.priority

@@ -1,6 +1,7 @@
 """Middleware, outermost first: request id + process time + JSON errors for everything (404,
 405, 413, tracebacks) + HTTP metrics; per-IP rate limit (/v1, in ``ratelimit``); Bearer key
-(/v1, constant-time); readiness gate (/v1). ``on_prepare`` sets the headers every response
+(constant-time; /v1 and, outside it, the detail that ``openapi.needs_key`` names: /ready/all,
+/metrics, /api-docs; /health and /ready stay open); readiness gate (/v1). ``on_prepare`` sets the headers every response
 carries, streams included."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from companion.api.common import (
     ApiError,
     error_response,
 )
+from companion.api.openapi import needs_key
 
 log = structlog.get_logger(__name__)
 
@@ -93,7 +95,7 @@ def _too_large(request: web.Request) -> web.Response:
 @web.middleware
 async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     keys = request.app[APP].settings.api.keys
-    if not keys or not request.path.startswith("/v1/"):
+    if not keys or not needs_key(request.path):
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -103,7 +105,7 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     given = token.strip().encode("utf-8", "surrogateescape")  # a Latin-1 byte is a wrong key, not a 500
     ok = False
     for key in keys:  # every key is compared: the time does not say which one nearly matched
-        ok |= hmac.compare_digest(given, key.encode())
+        ok |= hmac.compare_digest(given, key.get_secret_value().encode())
     if not ok:
         raise ApiError(401, "UNAUTHORIZED", "invalid API key",
                        headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})

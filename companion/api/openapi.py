@@ -19,6 +19,16 @@ from pydantic.json_schema import models_json_schema
 from companion.api.schemas import ErrorResponse
 
 REF = "#/components/schemas/{model}"
+# outside /v1, what tells more than "alive" and "ready": paths, URLs, counters, the API itself.
+# With api.keys set, these need a key too; /health and /ready stay open for probes.
+DETAIL_PATHS = frozenset({"/ready/all", "/metrics", "/metrics/prometheus"})
+DETAIL_PREFIXES = ("/v1/", "/api-docs/")
+
+
+def needs_key(path: str) -> bool:
+    """Whether ``path`` needs an API key when api.keys is set (the auth middleware and the
+    OpenAPI document both ask here)."""
+    return path in DETAIL_PATHS or path.startswith(DETAIL_PREFIXES)
 
 
 @dataclass(frozen=True)
@@ -43,13 +53,20 @@ class Route:
         return self.path.startswith("/v1/")
 
     @property
+    def keyed(self) -> bool:
+        """Needs a key when api.keys is set (all of /v1, and the detail outside it)."""
+        return needs_key(self.path)
+
+    @property
     def operation_id(self) -> str:
         return self.handler.__name__
 
     def statuses(self) -> list[int]:
         codes = set(self.errors)
         if self.protected:
-            codes |= {401, 429, 503}
+            codes |= {429, 503}
+        if self.keyed:
+            codes.add(401)
         if self.body is not None:
             codes |= {400, 413, 422}
         if self.path_params:
@@ -118,7 +135,7 @@ def build_openapi(routes: Sequence[Route], *, title: str, version: str,
         if route.body is not None:
             operation["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": ref(route.body, "validation")}}}
-        operation["security"] = [{"bearerAuth": []}] if route.protected else []
+        operation["security"] = [{"bearerAuth": []}] if route.keyed else []
         paths.setdefault(route.path, {})[route.method.lower()] = operation
 
     return {
@@ -131,7 +148,8 @@ def build_openapi(routes: Sequence[Route], *, title: str, version: str,
             "securitySchemes": {"bearerAuth": {
                 "type": "http", "scheme": "bearer",
                 "description": "One of the keys in api.keys (COMPANION_API__KEYS). With no keys "
-                               "configured (loopback only) /v1 is open."}},
+                               "configured (loopback only) everything is open; with keys, "
+                               "only /health and /ready are."}},
         },
         "tags": [{"name": t} for t in _unique(r.tag for r in routes)],
     }

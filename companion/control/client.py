@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
 
 from companion.actions.core import ActionError, Outcome
@@ -55,6 +54,7 @@ from companion.control.protocol import (
     error_frame,
     parse_server_frame,
 )
+from companion.control.tls import client_ssl, connect_without_redirects
 from companion.events import Event, EventType, PipelineState
 from companion.settings import ControlPlaneSettings
 from companion.version import VERSION
@@ -144,7 +144,7 @@ class _ClockEstimator:
 class ControlLink:
     def __init__(
         self, app: App, *,
-        connect: Callable[..., Awaitable[ClientConnection]] = ws_connect,
+        connect: Callable[..., Awaitable[ClientConnection]] = connect_without_redirects,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
@@ -166,6 +166,7 @@ class ControlLink:
         self._claims = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._ws: ClientConnection | None = None
+        self._tls: dict[str, Any] = {}  # {"ssl": context} for wss:// (made in run, off the loop)
         self._got_frame = False
         self.executed: list[str] = []  # command ids run by this process, in order (diagnostics)
         app.control = self
@@ -181,6 +182,12 @@ class ControlLink:
     # --- the long-running parts ---------------------------------------------------------------------
 
     async def run(self) -> None:
+        if self.settings.clear_text:
+            log.warning("control plane link is NOT encrypted: the device token and every frame "
+                        "cross the network in clear text (control_plane.allow_insecure_ws)",
+                        host=self.settings.host)
+        context = await asyncio.to_thread(client_ssl, self.settings)
+        self._tls = {"ssl": context} if context is not None else {}
         interrupted = await self.app.store.run(self.outbox.setup)
         if interrupted:
             log.warning("commands interrupted by a restart are acked as failed", ids=interrupted)
@@ -205,7 +212,7 @@ class ControlLink:
             delay: float | None = None
             try:
                 ws = await self._connect(
-                    uri, additional_headers={"Authorization": f"Bearer {cp.token or ''}"},
+                    uri, additional_headers=_auth_header(cp), **self._tls,
                     max_size=max(4 * cp.max_frame_bytes, 4 << 20), proxy=None,
                     open_timeout=10, ping_interval=min(20.0, cp.heartbeat_s), ping_timeout=20,
                     close_timeout=2, user_agent_header="companion/" + VERSION)
@@ -219,6 +226,13 @@ class ControlLink:
                     self._failed(f"HTTP {code}: the control plane refused this device's token")
                     log.error("control plane refused the device token; check control_plane.token",
                               status=code, url=uri, retry_in_s=round(delay, 1))
+                elif 300 <= code < 400:
+                    where = exc.response.headers.get("Location", "?")
+                    self._failed(f"HTTP {code}: the control plane redirected to {where}; "
+                                 "redirects are not followed (the token goes to "
+                                 "control_plane.url only)")
+                    log.error("control plane answered with a redirect, not followed; "
+                              "update control_plane.url", status=code, location=where)
                 else:
                     self._failed(f"HTTP {code} from the control plane")
             except InvalidURI as exc:
@@ -572,6 +586,11 @@ async def _child(work: Awaitable[T]) -> T:
         if task.cancelled() and me is not None and not me.cancelling():
             raise _Interrupted() from None
         raise
+
+
+def _auth_header(cp: ControlPlaneSettings) -> dict[str, str]:
+    token = cp.token.get_secret_value() if cp.token is not None else ""
+    return {"Authorization": f"Bearer {token}"}
 
 
 async def run_control_link(app: App, **seams: Any) -> None:

@@ -115,10 +115,48 @@ class SessionHandoffIn(HandoffInRequest):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
 
+class TriviaConfig(_Payload):
+    topic: str | None = Field(None, max_length=200)
+    question: str | None = Field(None, max_length=1000)
+    answer: str | None = Field(None, max_length=200)
+    announce_result: bool = True
+    answer_timeout_s: float = Field(8.0, ge=1.0, le=60.0)
+
+
+class StoryConfig(_Payload):
+    story_so_far: str | None = Field(None, max_length=4000)
+    theme: str | None = Field(None, max_length=200)
+    prompt: str | None = Field(None, max_length=200)
+    sentences: int = Field(2, ge=1, le=6, description="bounded: each asks the LLM for ~40 tokens")
+    listen: bool = True
+    answer_timeout_s: float = Field(8.0, ge=1.0, le=60.0)
+
+
+ACTIVITY_CONFIGS: dict[str, type[_Payload]] = {"trivia": TriviaConfig, "story": StoryConfig}
+
+
 class GroupActivity(_Payload):
     activity_type: Literal["trivia", "story", "sync_playback"]
-    persona_id: str | None = None
+    persona_id: str | None = Field(None, max_length=64)
     config: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_config(cls, data: Any) -> Any:
+        """Every value the activity uses is checked here (bounds included), before it runs:
+        a story of a million sentences or an hour-long listen is refused, not attempted."""
+        if not isinstance(data, dict) or not isinstance(data.get("config", {}), dict):
+            return data
+        model = ACTIVITY_CONFIGS.get(str(data.get("activity_type")))
+        if model is None:
+            return data
+        try:
+            config = model.model_validate(data.get("config", {}))
+        except ValidationError as exc:
+            raise ValueError("; ".join(
+                f"config.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )) from None
+        return {**data, "config": config.model_dump(exclude_none=True)}
 
 
 class SyncEvent(_Payload):
@@ -237,6 +275,8 @@ def parse_server_frame(raw: str | bytes, *, max_bytes: int) -> Command:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError("malformed_json", f"frame is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("malformed_json", "frame is nested too deeply") from None
     if not isinstance(data, dict):
         raise ProtocolError("malformed_frame", f"frame must be a JSON object, not "
                             f"{type(data).__name__}")
