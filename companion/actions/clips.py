@@ -14,16 +14,17 @@ from collections.abc import Collection
 from urllib.parse import urlsplit
 
 import aiohttp
-import numpy as np
 import structlog
 from aiohttp.resolver import ThreadedResolver
 
+from companion import wav
 from companion.actions.core import ActionError
 from companion.stages.tts import AudioClip
 
 log = structlog.get_logger(__name__)
 
 MAX_AUDIO_BYTES = 10 << 20
+MAX_AUDIO_S = 300  # a clip the control plane sends is a message, not a programme
 
 
 def decode_wav(audio_b64: str) -> AudioClip:
@@ -40,26 +41,23 @@ def wav_bytes_to_clip(data: bytes, *, max_bytes: int = MAX_AUDIO_BYTES) -> Audio
         raise ActionError("VALIDATION_ERROR",
                           f"audio of {len(data)} bytes is larger than {max_bytes}")
     try:
-        with wave.open(io.BytesIO(data)) as wav:
-            width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
-            frames = wav.readframes(wav.getnframes())
-    except (wave.Error, EOFError) as exc:
-        raise ActionError("VALIDATION_ERROR", f"audio is not a WAV file: {exc}") from None
-    if width != 2:
-        raise ActionError("VALIDATION_ERROR", f"WAV must be 16-bit PCM, not {8 * width}-bit")
-    if channels > 1:
-        samples = np.frombuffer(frames, dtype=np.int16).reshape(-1, channels)
-        frames = samples.mean(axis=1).astype(np.int16).tobytes()
-    return AudioClip(frames, rate)
+        pcm, rate = wav.decode(data)
+    except wav.WavError as exc:
+        raise ActionError("VALIDATION_ERROR", f"audio is not a usable WAV: {exc}") from None
+    clip = AudioClip(pcm, rate)
+    if clip.duration_s > MAX_AUDIO_S:
+        raise ActionError("VALIDATION_ERROR",
+                          f"audio of {clip.duration_s:.0f} s is longer than {MAX_AUDIO_S} s")
+    return clip
 
 
 def clip_to_wav_b64(clip: AudioClip) -> str:
     buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(clip.sample_rate)
-        wav.writeframes(clip.pcm)
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(clip.sample_rate)
+        out.writeframes(clip.pcm)
     return base64.b64encode(buffer.getvalue()).decode()
 
 

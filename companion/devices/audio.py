@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 import structlog
 
+from companion import wav
 from companion.stages.tts import AudioClip
 
 log = structlog.get_logger(__name__)
@@ -247,29 +248,9 @@ def read_wav_16k_mono(path: Path) -> bytes:
     """The file as 16 kHz 16-bit mono PCM, converted when it is another rate or has more
     channels; AudioFileError when it is not a readable PCM WAV."""
     try:
-        with wave.open(str(path), "rb") as wav:
-            channels, width, rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()
-            raw = wav.readframes(wav.getnframes())
-    except FileNotFoundError as exc:
-        raise AudioFileError(f"{path}: no such file") from exc
-    except (wave.Error, EOFError, OSError) as exc:
-        raise AudioFileError(f"{path}: not a readable PCM WAV file ({exc})") from exc
-    if width == 2:
-        samples = np.frombuffer(raw, dtype="<i2").astype(np.float32)
-    elif width == 1:
-        samples = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128) * 256
-    elif width == 4:
-        samples = np.frombuffer(raw, dtype="<i4").astype(np.float32) / 65536
-    elif width == 3:
-        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3)
-        ints = (b[:, 0].astype(np.int32) | (b[:, 1].astype(np.int32) << 8)
-                | (b[:, 2].astype(np.int32) << 16))
-        samples = (np.where(ints >= 1 << 23, ints - (1 << 24), ints) / 256).astype(np.float32)
-    else:
-        raise AudioFileError(f"{path}: unsupported sample width {width * 8} bits")
-    if channels > 1:
-        samples = samples.reshape(-1, channels).mean(axis=1)
-    pcm = np.clip(samples, -32768, 32767).astype(np.int16).tobytes()
+        pcm, rate = wav.decode(path)
+    except wav.WavError as exc:
+        raise AudioFileError(f"{path}: {exc}") from None
     return resample(pcm, rate, PIPELINE_RATE)
 
 
