@@ -467,7 +467,9 @@ def describe_validation_error(exc: Exception) -> str:
     from pydantic import ValidationError
 
     if not isinstance(exc, ValidationError):
-        return str(exc)
+        cause = exc.__cause__  # pydantic-settings: "error parsing value for field …" + why
+        text = f"{exc}: {cause}" if cause else str(exc)
+        return " ".join(text.split())
     parts = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(settings)"

@@ -11,6 +11,7 @@ checked here, before numpy sees the bytes (a partial frame would otherwise be a 
 from __future__ import annotations
 
 import io
+import struct
 import wave
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def decode(source: Path | bytes) -> tuple[bytes, int]:
             raw = wav.readframes(frames)
     except FileNotFoundError:
         raise WavError("no such file") from None
-    except (wave.Error, EOFError, OSError) as exc:
+    except (wave.Error, EOFError, OSError, RuntimeError, ValueError, struct.error) as exc:
+        # RuntimeError: wave's chunk reader on a chunk size that points outside the file
         raise WavError(f"not a readable PCM WAV ({exc or type(exc).__name__})") from None
     if not 1 <= channels <= MAX_CHANNELS:
         raise WavError(f"{channels} channels (1 to {MAX_CHANNELS} are accepted)")

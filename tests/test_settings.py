@@ -75,3 +75,10 @@ def test_a_config_file_with_an_unknown_key_is_rejected(capsys, tmp_path):
     config.write_text("[api]\nprot = 3000\n")
     assert main(["--config", str(config), "check"]) == 2
     assert "api.prot" in capsys.readouterr().err
+
+
+def test_an_environment_value_that_is_not_json_names_the_field_and_why(monkeypatch, capsys):
+    monkeypatch.setenv("COMPANION_WAKE__MODELS", "hey_jarvis")  # a list must be JSON
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and '"wake"' in err and "Expecting value" in err
