@@ -1,0 +1,265 @@
+"""A long mixed run of the whole daemon on the real models, to see what months alone would do.
+
+    .venv/bin/python scripts/soak.py --minutes 30 --out soak.json
+    .venv/bin/python scripts/soak.py --quick            # 2 minutes, for CI
+
+One daemon (``App.run``: HTTP API, control link, voice loop, housekeeping) with a simulated
+microphone that says "Hey Jarvis." and a question every few seconds, for ever, in real time,
+and a speaker that writes a WAV file. Around it, at once: chat requests on the HTTP API,
+persona switches and pings from a dev control plane on 127.0.0.1, that control plane stopped
+and started again, and timers that ring.
+
+Reported: turns, errors (each with what it was), and at the start and the end the RSS, open
+files, threads and asyncio tasks; per ten-minute slice (or per run, when shorter) the p50/p99
+of end of speech → first audio of the voice turns. Exit 1 when any error occurred; the summary
+is one JSON line, last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from companion.app import Features, build_app
+from companion.control.devserver import ControlPlane
+from companion.devices.audio import WavFileSink, read_wav_16k_mono
+from companion.events import Event, EventType
+from companion.log import configure_logging
+from companion.settings import PROJECT_ROOT, CompanionSettings
+from scripts.make_utterance_wav import make
+
+QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?",
+             "What colour is the sky?"]
+CHATS = ["Tell me a fun fact.", "What is two plus two?", "Say hello in French."]
+PERSONAS = ["companion", "entertainer", "medication_nurse"]
+TOKEN = "soak-token"
+SLICE_S = 600.0
+
+
+class LoopingMic:
+    """The utterances, one after another with quiet between, for ever, paced in real time."""
+
+    def __init__(self, utterances: list[bytes], *, gap_s: float, block_ms: int = 30) -> None:
+        self.name = "soak-mic"
+        self.dropped_blocks = 0
+        self.last_block_at = time.monotonic()
+        self._block = 2 * 16000 * block_ms // 1000
+        self._stream = b"".join(u + bytes(2 * int(gap_s * 16000)) for u in utterances)
+
+    async def blocks(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        started, n = loop.time(), 0
+        block_s = self._block / 32000
+        while True:
+            for start in range(0, len(self._stream) - self._block + 1, self._block):
+                delay = started + n * block_s - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                n += 1
+                self.last_block_at = time.monotonic()
+                yield self._stream[start:start + self._block]
+
+
+def resources() -> dict[str, Any]:
+    process = psutil.Process()
+    return {"rss_mb": round(process.memory_info().rss / 2**20, 1),
+            "open_files": process.num_fds(), "threads": threading.active_count(),
+            "asyncio_tasks": len(asyncio.all_tasks())}
+
+
+def percentiles(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {"n": len(ordered), "p50_s": round(statistics.median(ordered), 3),
+            "p99_s": round(p99, 3), "max_s": round(ordered[-1], 3)}
+
+
+class Soak:
+    def __init__(self, minutes: float, workdir: Path) -> None:
+        self.duration_s = minutes * 60
+        self.workdir = workdir
+        self.errors: list[dict[str, Any]] = []
+        self.turns: list[tuple[float, float | None]] = []  # (seconds into the run, e2e latency)
+        self.counts = {"voice_turns": 0, "chats": 0, "persona_switches": 0, "timers_set": 0,
+                       "timers_rang": 0, "plane_restarts": 0, "pings": 0}
+        self.started = 0.0
+        self.plane: ControlPlane | None = None
+        self.port = 0
+
+    def error(self, kind: str, detail: Any) -> None:
+        self.errors.append({"at_s": round(time.monotonic() - self.started, 1), "kind": kind,
+                            "detail": str(detail)[:300]})
+
+    def on_event(self, event: Event) -> None:
+        if event.type is EventType.TURN_END:
+            self.counts["voice_turns"] += 1
+            e2e = (event.data.get("timings") or {}).get("end_of_speech_to_first_audio_s")
+            self.turns.append((time.monotonic() - self.started, e2e))
+        elif event.type is EventType.TURN_ERROR:
+            self.error("turn", event.data)
+        elif event.type is EventType.TIMER_RANG:
+            self.counts["timers_rang"] += 1
+
+    async def run(self) -> dict[str, Any]:
+        utterances = []
+        for i, question in enumerate(QUESTIONS):
+            wav = await asyncio.to_thread(make, self.workdir / f"q{i}.wav", wake="Hey Jarvis.",
+                                          text=question)
+            utterances.append(read_wav_16k_mono(wav))
+        self.plane = ControlPlane(token=TOKEN, state_path=self.workdir / "plane.db")
+        self.port = await self.plane.start("127.0.0.1", 0)
+        settings = CompanionSettings(
+            device_id="soak", data_dir=self.workdir / "data", gpio={"enabled": False},
+            personas={"dir": PROJECT_ROOT / "personas"}, api={"port": 0},
+            pipeline={"follow_up_window_s": 0},
+            control_plane={"url": f"ws://127.0.0.1:{self.port}", "token": TOKEN,
+                           "backoff_max_s": 2, "reconnect_spread_s": 1})
+        app = build_app(settings, source=LoopingMic(utterances, gap_s=6.0),
+                        sink=WavFileSink(self.workdir / "speaker.wav", realtime=True),
+                        features=Features(audio_devices=False, gpio=False))
+        app.bus.add_callback(self.on_event)
+        daemon = asyncio.create_task(app.run(), name="daemon")
+        try:
+            async with asyncio.timeout(300):
+                await app.ready.wait()
+                while not app.extensions.get("http_addresses"):  # noqa: ASYNC110  set by serve_http
+                    await asyncio.sleep(0.1)
+                await self.plane.wait_connected("soak", within_s=60)
+            host, port = app.extensions["http_addresses"][0][:2]
+            base = f"http://{host}:{port}"
+            self.started = time.monotonic()
+            start = resources()
+            drivers = [self.chats(base), self.timers(base), self.personas(),
+                       self.plane_restarts()]
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+                self.http = http
+                tasks = [asyncio.create_task(d) for d in drivers]
+                try:
+                    await asyncio.sleep(self.duration_s)
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    for result in await asyncio.gather(*tasks, return_exceptions=True):
+                        if isinstance(result, Exception):
+                            self.error("driver", f"{type(result).__name__}: {result}")
+            if daemon.done():
+                self.error("daemon", daemon.exception() or "stopped")
+            end = resources()
+        finally:
+            daemon.cancel()
+            await asyncio.gather(daemon, return_exceptions=True)
+            await app.aclose()
+            await self.plane.stop()
+            self.plane.close()
+        return self.summary(start, end)
+
+    async def every(self, period_s: float, first_s: float):
+        await asyncio.sleep(first_s)
+        while True:
+            yield
+            await asyncio.sleep(period_s)
+
+    async def chats(self, base: str) -> None:
+        n = 0
+        async for _ in self.every(25, 5):
+            body = {"message": CHATS[n % len(CHATS)]}
+            n += 1
+            try:
+                async with self.http.post(f"{base}/v1/chat", json=body) as response:
+                    if response.status != 200:
+                        self.error("chat", f"HTTP {response.status}: {await response.text()}")
+                    else:
+                        self.counts["chats"] += 1
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.error("chat", f"{type(exc).__name__}: {exc}")
+
+    async def timers(self, base: str) -> None:
+        async for _ in self.every(60, 12):
+            body = {"command": "timer", "args": {"seconds": 8, "label": "soak"}}
+            async with self.http.post(f"{base}/v1/commands", json=body) as response:
+                if response.status != 200:
+                    self.error("timer", f"HTTP {response.status}: {await response.text()}")
+                else:
+                    self.counts["timers_set"] += 1
+
+    async def personas(self) -> None:
+        n = 0
+        async for _ in self.every(45, 20):
+            n += 1
+            try:
+                command = await self.plane.send("soak", "persona_switch",
+                                                {"persona_id": PERSONAS[n % len(PERSONAS)]})
+                ack = await self.plane.wait_ack(command, within_s=60)
+                if not ack.get("ok"):
+                    self.error("persona_switch", ack)
+                else:
+                    self.counts["persona_switches"] += 1
+                ping = await self.plane.wait_ack(await self.plane.send("soak", "ping", {}),
+                                                 within_s=60)
+                self.counts["pings"] += bool(ping.get("ok"))
+            except TimeoutError:
+                self.error("control", "no ack within 60 s")
+
+    async def plane_restarts(self) -> None:
+        async for _ in self.every(min(300, self.duration_s / 3), min(300, self.duration_s / 3)):
+            await self.plane.stop()
+            self.plane.close()
+            await asyncio.sleep(2)
+            # a new process of the control plane, as after a restart: same port, same state
+            self.plane = ControlPlane(token=TOKEN, state_path=self.workdir / "plane.db")
+            await self.plane.start("127.0.0.1", self.port)
+            self.counts["plane_restarts"] += 1
+            try:
+                await self.plane.wait_connected("soak", within_s=60)
+            except TimeoutError:
+                self.error("control", "the device did not come back within 60 s")
+
+    def summary(self, start: dict, end: dict) -> dict[str, Any]:
+        slices: dict[int, list[float]] = {}
+        for at, e2e in self.turns:
+            if e2e is not None:
+                slices.setdefault(int(at // SLICE_S), []).append(e2e)
+        growth = (end["rss_mb"] - start["rss_mb"]) / start["rss_mb"] * 100
+        return {"minutes": round(self.duration_s / 60, 2), **self.counts,
+                "errors": len(self.errors), "error_list": self.errors[:50],
+                "start": start, "end": end, "rss_growth_percent": round(growth, 2),
+                "end_of_speech_to_first_audio": {
+                    f"{k * 10}-{k * 10 + 10} min": percentiles(v) for k, v in sorted(slices.items())},
+                "all_turns": percentiles([e for _, e in self.turns if e is not None])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--quick", action="store_true", help="2 minutes (CI)")
+    parser.add_argument("--out", type=Path, help="also write the JSON summary here")
+    args = parser.parse_args(argv)
+    minutes = 2.0 if args.quick else args.minutes
+    configure_logging("warning", "console")
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+        summary = asyncio.run(Soak(minutes, Path(tmp)).run())
+    line = json.dumps(summary)
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(line)
+    return 1 if summary["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
