@@ -4,9 +4,8 @@ never a file to open (issue 12: nothing reaches a path outside the data and pers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from urllib.parse import quote
-
-import pytest
 
 from tests.http_helpers import start_api
 
@@ -14,17 +13,10 @@ TRAVERSALS = ["../../../../etc/passwd", "..", "companion/../companion", "/etc/ho
               "~root", "companion.toml", "%2e%2e%2f", "companion\x00.toml"]
 
 
-@pytest.fixture
-async def api(aiohttp_client, tmp_path):
+async def test_path_like_ids_are_unknown_ids(aiohttp_client, tmp_path):
     client, app = await start_api(aiohttp_client, tmp_path)
-    yield client, app
-    await app.aclose()
-
-
-async def test_path_like_ids_are_unknown_ids(api):
-    client, app = api
     before = app.conversation.active_persona_id
-    async with asyncio.timeout(10):
+    async with contextlib.aclosing(app), asyncio.timeout(10):
         for bad in TRAVERSALS:
             for path in (f"/v1/personas/{quote(bad, safe='')}", f"/v1/sessions/{quote(bad, safe='')}"):
                 response = await client.get(path)
