@@ -35,11 +35,11 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from companion.app import Features, build_app
-from companion.control.devserver import ControlPlane
 from companion.devices.audio import WavFileSink, read_wav_16k_mono
 from companion.events import Event, EventType
 from companion.log import configure_logging
 from companion.settings import PROJECT_ROOT, CompanionSettings
+from companion_dev.controlplane import ControlPlane
 from scripts.make_utterance_wav import make
 
 QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?",
@@ -138,10 +138,10 @@ class Soak:
         try:
             async with asyncio.timeout(300):
                 await app.ready.wait()
-                while not app.extensions.get("http_addresses"):  # noqa: ASYNC110  set by serve_http
+                while not app.http_addresses:  # noqa: ASYNC110  set by serve_http
                     await asyncio.sleep(0.1)
                 await self.plane.wait_connected("soak", within_s=60)
-            host, port = app.extensions["http_addresses"][0][:2]
+            host, port = app.http_addresses[0][:2]
             base = f"http://{host}:{port}"
             self.started = time.monotonic()
             start = resources()
