@@ -100,9 +100,13 @@ async def test_refused_frames_each_get_one_error_and_change_nothing(frames):
             before = snapshot(app)
             for raw in frames:
                 await plane.send_raw("dev-a", raw)
-            errors = await plane.wait_for(
-                lambda: len(plane.messages("dev-a", "error")) >= len(frames) and
-                plane.messages("dev-a", "error"), within_s=10)
+            try:
+                errors = await plane.wait_for(
+                    lambda: len(plane.messages("dev-a", "error")) >= len(frames) and
+                    plane.messages("dev-a", "error"), within_s=30)
+            except TimeoutError:
+                got = [e["payload"]["code"] for e in plane.messages("dev-a", "error")]
+                raise AssertionError(f"sent {frames!r}, answered {got}") from None
             assert [e["payload"]["code"] for e in errors] == [refused(f) for f in frames]
             assert all(e["payload"]["message"] for e in errors)
             assert snapshot(app) == before
