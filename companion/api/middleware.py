@@ -1,8 +1,8 @@
 """Middleware, outermost first: request id + process time + JSON errors for everything (404,
 405, 413, tracebacks) + HTTP metrics; per-IP rate limit (/v1, in ``ratelimit``); Bearer key
 (constant-time; /v1 and, outside it, the detail that ``openapi.needs_key`` names: /ready/all,
-/metrics, /api-docs; /health and /ready stay open); readiness gate (/v1). ``on_prepare`` sets the headers every response
-carries, streams included."""
+/metrics, /api-docs; /health and /ready stay open); readiness gate (/v1). ``on_prepare`` sets
+the headers every response carries, streams included."""
 
 from __future__ import annotations
 
