@@ -2,7 +2,8 @@
 
 A secret in a TOML file or an environment variable is one ``ps e``, backup or pasted config
 away from leaking. The daemon therefore also reads each secret setting from a file named after
-it (``control_plane.token``, ``api.keys`` one key a line, ``llm.api_key``) in
+it (``control_plane.token``, ``api.keys`` one key a line, ``llm.api_key``,
+``arbitration.secret``) in
 ``credentials_dir``, which defaults to ``$CREDENTIALS_DIRECTORY`` (set by systemd for a unit
 with ``LoadCredential=control_plane.token:/etc/companion/credentials/control_plane.token``).
 
@@ -25,6 +26,7 @@ SECRET_SETTINGS: dict[str, bool] = {
     "api.keys": True,
     "control_plane.token": False,
     "llm.api_key": False,
+    "arbitration.secret": False,
 }
 ENV_DIRECTORY = "CREDENTIALS_DIRECTORY"
 

@@ -19,7 +19,8 @@ from tests.control_helpers import TOKEN, control_plane, linked_device, url
 from tests.http_helpers import start_api
 
 KEY = "api-key-DO-NOT-PRINT"
-SECRETS = (KEY, TOKEN)
+LLM_KEY = "llm-key-DO-NOT-PRINT"
+SECRETS = (KEY, TOKEN, LLM_KEY)
 
 
 def _private(path, text: str, mode: int = 0o600):
@@ -97,7 +98,8 @@ def test_a_missing_credentials_dir_is_an_error(tmp_path):
 
 async def test_no_secret_in_http_answers(aiohttp_client, tmp_path):
     client, app = await start_api(aiohttp_client, tmp_path, api={"keys": [KEY]},
-                                  control_plane={"url": "ws://127.0.0.1:9", "token": TOKEN})
+                                  control_plane={"url": "ws://127.0.0.1:9", "token": TOKEN},
+                                  llm={"api_key": LLM_KEY})
     auth = {"Authorization": f"Bearer {KEY}"}
     try:
         async with asyncio.timeout(10):
@@ -125,3 +127,20 @@ async def test_no_secret_in_logs_acks_or_frames(tmp_path, caplog):
     for secret in (*SECRETS, "NEW-SECRET-1", "NEW-SECRET-2"):
         assert secret not in text
     assert app.settings.control_plane.token.get_secret_value() == TOKEN  # nothing changed
+
+
+def test_every_secret_setting_loads_from_a_credential_and_never_prints(monkeypatch, tmp_path):
+    from companion.credentials import SECRET_SETTINGS
+
+    values = {name: f"{name}-value-0123456789" for name in SECRET_SETTINGS}
+    for name, value in values.items():
+        _private(tmp_path / name, value)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    s = load_settings(None, data_dir=tmp_path / "data")
+    for name, value in values.items():
+        section, _, key = name.partition(".")
+        got = getattr(getattr(s, section), key)
+        got = got[0] if isinstance(got, list) else got
+        assert isinstance(got, SecretStr) and got.get_secret_value() == value, name
+    text = repr(s) + s.model_dump_json()
+    assert not any(value in text for value in values.values())
