@@ -130,20 +130,25 @@ async def test_the_speaker_resamples_each_sentence_in_a_worker_thread(
 
 
 
-@pytest.mark.audio
-async def test_the_real_speaker_resamples_and_opens_its_stream_in_a_worker_thread(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def pulse(tmp_path: Path):
     from tests.pulse import private_pulseaudio
 
+    with private_pulseaudio(tmp_path) as env:
+        yield env
+
+
+@pytest.mark.audio
+async def test_the_real_speaker_resamples_and_opens_its_stream_in_a_worker_thread(
+        pulse, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = LoopThreadCalls(monkeypatch)
     calls.watch(audio, "resample")
-    with private_pulseaudio(tmp_path):
-        sink = await asyncio.to_thread(audio.SoundDeviceSink, "pulse")
-        calls.watch(sink, "_ensure_stream")
-        tone = (8000 * np.sin(np.arange(4410) / 22050 * 2 * np.pi * 440)).astype(np.int16)
-        try:
-            async with asyncio.timeout(10):
-                await sink.play(AudioClip(tone.tobytes(), 22050))  # a piper voice's rate
-        finally:
-            sink.close()
+    sink = await asyncio.to_thread(audio.SoundDeviceSink, "pulse")
+    calls.watch(sink, "_ensure_stream")
+    tone = (8000 * np.sin(np.arange(4410) / 22050 * 2 * np.pi * 440)).astype(np.int16)
+    try:
+        async with asyncio.timeout(10):
+            await sink.play(AudioClip(tone.tobytes(), 22050))  # a piper voice's rate
+    finally:
+        sink.close()
     assert calls.seen == ["_ensure_stream", "resample"] and calls.on_loop == []
