@@ -116,3 +116,18 @@ async def test_an_injected_model_is_left_to_its_owner(tmp_path: Path, real_llm) 
         await app.start()
         await app.aclose()
         assert [d async for d in real_llm.stream(SHORT, SamplingParams(max_tokens=2))]
+
+
+async def test_a_switch_right_after_start_does_not_wait_for_the_warm_up(
+        tmp_path: Path, real_llm) -> None:
+    app = fake_app(make_settings(tmp_path), llm=real_llm)
+    async with asyncio.timeout(120):
+        await app.start()
+        warming = asyncio.create_task(app.conversation.warm_personas())  # as `run` does
+        await until(lambda: real_llm.busy_with is Priority.BACKGROUND)
+        result = await app.conversation.switch_persona("medication_nurse")
+        assert not result.prefix_was_warm and not warming.done()
+        await app.conversation.wait_prepared()  # its prompt, ahead of the other personas'
+        assert app.conversation.prefix_ready("medication_nurse") and not warming.done()
+        await warming
+        await app.aclose()
