@@ -62,6 +62,8 @@ def parse_secret(text: str, many: bool) -> str | list[str]:
 
 def credentials_directory(data: dict[str, Any]) -> Path | None:
     explicit = data.get("credentials_dir")
+    if explicit is not None and not isinstance(explicit, str | os.PathLike):
+        raise CredentialError(f"credentials_dir must be a path, not {type(explicit).__name__}")
     if explicit:
         return Path(explicit).expanduser()
     from_env = os.environ.get(ENV_DIRECTORY)

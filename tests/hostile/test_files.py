@@ -11,7 +11,7 @@ import tomllib
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -123,6 +123,7 @@ def _settings_fail_cleanly(load) -> None:
 
 @FAST
 @given(st.dictionaries(st.sampled_from(SETTING_KEYS), values, max_size=4))
+@example({"credentials_dir": True})  # was a TypeError from Path(True) before validation
 def test_settings_files_load_or_fail_in_one_line(tmp_path, monkeypatch, doc):
     monkeypatch.chdir(tmp_path)
     tables: dict[str, dict] = {}
