@@ -21,7 +21,13 @@ import structlog
 
 from companion import check as check_mod
 from companion.app import Features, build_app, install_signal_handlers, tune_process
-from companion.devices.audio import AudioFileError, AudioUnavailableError, WavFileSink, WavFileSource
+from companion.devices.audio import (
+    AudioFileError,
+    AudioUnavailableError,
+    WavFileSink,
+    WavFileSource,
+    write_wav,
+)
 from companion.log import configure_logging
 from companion.models import ModelMissingError
 from companion.models_cli import add_parser as add_models_parser
@@ -60,12 +66,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sim.add_argument("--no-wake", action="store_true",
                      help="start listening at once, as if the button was pressed")
     sim.add_argument("--data-dir", type=Path, help="keep the store here (default: temporary)")
+    room = sim.add_argument_group(
+        "simulated room", "any of these puts the microphone in a room that also hears the "
+        "device's own speaker (companion/room.py)")
+    room.add_argument("--room-echo-db", metavar="DB",
+                      help="echo level relative to the user's speech at the mic (default +6)")
+    room.add_argument("--room-delay-ms", metavar="MS", help="speaker → mic delay (default 30)")
+    room.add_argument("--room-rt60", metavar="S", help="reverberation time (default 0.3)")
+    room.add_argument("--room-noise", metavar="KIND", help="white, pink, babble or a WAV path")
+    room.add_argument("--room-snr-db", metavar="DB", help="speech over noise (default 10)")
+    room.add_argument("--room-seed", metavar="N", help="the same room every time (default 0)")
     add_models_parser(sub)
     return parser.parse_args(argv)
 
 
+ROOM_OPTIONS = {"echo_db": float, "delay_ms": float, "rt60": float, "noise": str,
+                "snr_db": float, "seed": int}
+
+
+def room_config(args: argparse.Namespace):
+    """The RoomConfig the --room-* options ask for, None without any; RoomError when bad."""
+    from companion.room import RoomConfig, RoomError
+
+    given = {k: getattr(args, f"room_{k}") for k in ROOM_OPTIONS
+             if getattr(args, f"room_{k}", None) is not None}
+    if not given:
+        return None
+    values = {}
+    for key, raw in given.items():
+        try:
+            values[key] = ROOM_OPTIONS[key](raw)
+        except ValueError:
+            flag = "--room-" + key.replace("_", "-")
+            raise RoomError(f"{flag} {raw!r}: not a {ROOM_OPTIONS[key].__name__} number") from None
+    return RoomConfig(**values)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from companion.room import RoomError
+
     args = parse_args(argv)
+    try:
+        args.room = room_config(args) if args.command == "simulate" else None
+    except RoomError as exc:
+        print(f"companion: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         overrides = {"log_level": "debug"} if args.debug else {}
         settings = load_settings(args.config, **overrides)
@@ -156,9 +201,19 @@ async def cmd_check(settings: CompanionSettings, args: argparse.Namespace) -> in
 
 
 async def cmd_simulate(settings: CompanionSettings, args: argparse.Namespace) -> int:
+    from companion.room import RoomError
+
     tune_process()  # as the daemon runs
-    source = WavFileSource(args.input, realtime=not args.fast, block_ms=settings.audio.block_ms)
-    sink = WavFileSink(args.output, realtime=not args.fast)
+    try:
+        room = await asyncio.to_thread(_build_room, args.room, settings, args) if args.room else None
+    except RoomError as exc:
+        print(f"companion: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if room is not None:
+        source, sink = room.source(), room.speaker
+    else:
+        source = WavFileSource(args.input, realtime=not args.fast, block_ms=settings.audio.block_ms)
+        sink = WavFileSink(args.output, realtime=not args.fast)
     with tempfile.TemporaryDirectory(prefix="companion-sim-") as tmp:
         data_dir = args.data_dir or Path(tmp)
         settings = settings.model_copy(update={"data_dir": data_dir})
@@ -170,13 +225,20 @@ async def cmd_simulate(settings: CompanionSettings, args: argparse.Namespace) ->
         try:
             await app.start()
             assert app.voice is not None
+            if room is not None:
+                voice = app.voice
+                voice.hears_itself = True
+                room.linger = lambda: voice.busy and not voice._listening
             await app.conversation.warm_personas()  # as the daemon does at start
             if args.no_wake:
                 app.voice.start_turn(trigger="button")
             await app.voice.run(hold_while_answering=args.fast)
             await app.voice.wait_idle()
         finally:
-            sink.close()
+            if room is not None:
+                write_wav(args.output, room.speaker.output_pcm())
+            else:
+                sink.close()
             if events_file is not None:
                 events_file.close()
             await app.aclose()
@@ -184,6 +246,36 @@ async def cmd_simulate(settings: CompanionSettings, args: argparse.Namespace) ->
     print(json.dumps({"turns": [t.as_dict() for t in turns], "output": str(args.output),
                       "output_audio_s": round(sink.played_s, 3)}, indent=2))
     return EXIT_OK
+
+
+def _build_room(config, settings: CompanionSettings, args: argparse.Namespace):
+    """The room around the input WAV (in a thread: babble noise is synthesized)."""
+    from companion.devices.audio import read_wav_16k_mono
+    from companion.room import Room
+
+    speak = None
+    if config.noise == "babble":
+        speak = piper_speaker(settings)
+    return Room(config, read_wav_16k_mono(args.input), block_ms=settings.audio.block_ms,
+                realtime=not args.fast, speak=speak)
+
+
+def piper_speaker(settings: CompanionSettings):
+    """text, speed → 16 kHz float samples in the project's piper voice (babble noise)."""
+    import numpy as np
+
+    from companion.devices.audio import PIPELINE_RATE, resample
+    from companion.models import ModelRegistry
+    from companion.stages.tts import PiperSynthesizer, VoiceParams
+
+    synth = PiperSynthesizer(settings.tts, ModelRegistry(settings.models_dir))
+
+    def speak(text: str, speed: float):
+        clip = synth._run(text, VoiceParams(length_scale=speed))
+        pcm = resample(clip.pcm, clip.sample_rate, PIPELINE_RATE)
+        return np.frombuffer(pcm, np.int16).astype(np.float64)
+
+    return speak
 
 
 if __name__ == "__main__":

@@ -172,6 +172,24 @@ class App:
             vad=self.vad, stt=self.stt, conversation=self.conversation, speech=self.speech,
             intent_handler=p.intent_handler or _local_commands(self),
         )
+        self.voice.echo = self._echo_control(s)
+
+    def _echo_control(self, s: CompanionSettings):
+        """Echo cancellation with what the speaker plays as the reference (when the sink can
+        say when it played what: sounddevice, the simulated room)."""
+        from companion.devices.echo import EchoControl, PlaybackReference
+
+        reference = None
+        if hasattr(self.sink, "reference") and s.audio.echo_cancel != "off":
+            reference = self.sink.reference = self.sink.reference or PlaybackReference()
+
+        def report(control: EchoControl) -> None:
+            self.status.set_component("echo_cancel", control.mode != "off" or
+                                      s.audio.echo_cancel == "off",
+                                      f"{control.mode}: {control.detail}")
+
+        return EchoControl(s.audio.echo_cancel, reference,
+                           noise_suppression=s.audio.noise_suppression, on_change=report)
 
     async def _load(self, component: str, build, *, attr: str) -> Any:
         started = time.perf_counter()
@@ -259,6 +277,8 @@ class App:
             if self.voice is not None:
                 await self.start_arbitration()
                 group.create_task(self.voice.run(), name="voice-loop")
+                if self.voice.echo is not None:
+                    group.create_task(self.voice.echo.watch(), name="echo-watch")
             if self.features.gpio and self.settings.gpio.enabled:
                 self._start_gpio()
             if self.features.control and self.settings.control_plane.enabled:
@@ -361,6 +381,8 @@ class App:
             if part is not None:
                 with contextlib.suppress(Exception):
                     part.close()
+        if self.voice is not None and self.voice.echo is not None:
+            self.voice.echo.close()
         close = getattr(self.sink, "close", None)
         if close is not None:
             close()

@@ -163,6 +163,19 @@ def _check_audio(settings: CompanionSettings, report: Report) -> None:
                        f"({int(info['default_samplerate'])} Hz)")
         except AudioUnavailableError as exc:
             report.add(f"audio {kind}", False, str(exc))
+    _check_echo(settings, report)
+
+
+def _check_echo(settings: CompanionSettings, report: Report) -> None:
+    """Which echo cancellation the daemon would use (the sounddevice speaker gives the
+    playback reference, so webrtc needs only the package)."""
+    from companion.devices.echo import resolve_mode, system_echo_source, webrtc_available
+
+    requested = settings.audio.echo_cancel
+    system = system_echo_source() if requested in ("auto", "system") else None
+    mode, detail = resolve_mode(requested, system_source=system, webrtc_error=webrtc_available())
+    met = mode != "off" or requested == "off"
+    report.add("echo cancel", met, f"{mode}: {detail} (audio.echo_cancel = {requested})")
 
 
 def _check_gpio(settings: CompanionSettings, report: Report) -> None:

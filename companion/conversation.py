@@ -372,6 +372,17 @@ class ConversationManager:
         if overflow and self.settings.summary_enabled:
             self._schedule_summary(session_id)
 
+    async def keep_played(self, reply: Reply, played: str, *, source: str = "voice") -> None:
+        """A barge-in cut the reply: remember only the words the user heard, marked
+        interrupted, so the next turn does not build on words that were never said."""
+        if not reply.session_id:
+            return  # cut before the turn had a session: nothing was said
+        await self.store.run(lambda: self.store.keep_played(
+            reply.session_id, reply.turn_id, reply.user_text, played,
+            persona_id=reply.persona_id, source=source))
+        self.bus.emit(EventType.REPLY_INTERRUPTED, reply.turn_id, session_id=reply.session_id,
+                      played=played)
+
     async def reply_text(self, text: str, **kwargs: Any) -> Reply:
         """The whole reply at once (CLI, non-streaming HTTP)."""
         reply = Reply("", "", "", text)

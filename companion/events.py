@@ -41,6 +41,8 @@ class EventType(StrEnum):
     TURN_ERROR = "turn-error"
     TURN_CANCELLED = "turn-cancelled"
     EXCHANGE_RECORDED = "exchange-recorded"  # a user's words and the reply, stored (any source)
+    REPLY_INTERRUPTED = "reply-interrupted"  # barge-in: only the played words are kept
+    SELF_WAKE_IGNORED = "self-wake-ignored"  # the wake word said by the device's own voice
     # device-wide
     STATE_CHANGED = "state-changed"
     BUTTON = "button"

@@ -24,9 +24,10 @@ import structlog
 from companion.arbitration import Arbiter, AudioClock, Round, measure_wake
 from companion.conversation import ConversationManager, Reply
 from companion.devices.audio import AudioSource
+from companion.devices.echo import EchoControl
 from companion.events import EventBus, EventType, PipelineState
 from companion.settings import CompanionSettings, VadSettings
-from companion.speech import SpeechOutput
+from companion.speech import SpeechOutput, SpeechStats
 from companion.stages.llm import Priority
 from companion.stages.sentences import SentenceSplitter
 from companion.stages.stt import Transcriber, Transcript
@@ -39,6 +40,9 @@ log = structlog.get_logger(__name__)
 
 SPECULATIVE_STT_AFTER_S = 0.25  # pause length that starts a speculative transcription
 WAKE_CONTEXT_S = 3.0  # audio kept up to a wake word: the word and the noise floor before it
+OWN_VOICE_TAIL_S = 1.0  # after a sentence ends, its echo (and the wake model's window) lingers
+BARGE_IN_WINDOW_BLOCKS = 16  # barge-in by voice: of the last ~0.5 s of blocks ...
+BARGE_IN_SPEECH_BLOCKS = 10  # ... this many must be speech
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,9 @@ class VoiceLoop:
         self.source_ended = asyncio.Event()
         self._listening = False  # a turn is taking microphone audio right now
         self._wake_backlog: deque[bytes] = deque(maxlen=100)  # ~3 s heard while thinking
+        self.echo: EchoControl | None = None  # echo cancellation (app.py wires it)
+        self._barge_blocks: deque[tuple[bytes, bool]] = deque(maxlen=BARGE_IN_WINDOW_BLOCKS)
+        self.hears_itself = False  # the source hears the sink (a simulated room)
         # called with (turn_id, 16 kHz PCM) for every utterance (the control link's audio_stream)
         self.utterance_listeners: list[Callable[[str, bytes], None]] = []
         # several devices heard the word: who answers (set by the app; None = always this one)
@@ -96,21 +103,48 @@ class VoiceLoop:
             raise RuntimeError("no microphone")
         try:
             async for block in self.source.blocks():
+                captured_at = getattr(self.source, "last_block_time_s", None)
                 if hold_while_answering:
-                    while self.busy and not self._listening and self.turn is not None:
-                        await asyncio.wait({self.turn})
+                    await self._hold()
                 self._audio_clock.tick()
-                await self._route(block)
+                raw = block
+                if self.echo is not None:
+                    block = await self.echo.process(block, captured_at)
+                # a fresh AEC3 suppresses the user along with the echo while both talk: until
+                # it has converged, the wake word listens to the raw microphone
+                unconverged = self.echo is not None and not self.echo.converged
+                await self._route(block, raw if unconverged else block)
         finally:
             self.source_ended.set()
             if self._turn_audio is not None:
                 _offer(self._turn_audio, None)
 
-    async def _route(self, block: bytes) -> None:
+    async def _hold(self) -> None:
+        """Hold the virtual microphone while a turn thinks, and while it speaks unless the
+        microphone hears the speaker (a room: then playback runs on the microphone's clock)."""
+        while self.busy and not self._listening and self.turn is not None:
+            if self.hears_itself and self.speech.playing.is_set():
+                return
+            waits: set[asyncio.Future] = {self.turn}
+            playing = None
+            if self.hears_itself:
+                playing = asyncio.ensure_future(self.speech.playing.wait())
+                waits.add(playing)
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if playing is not None:
+                    playing.cancel()
+
+    async def _route(self, block: bytes, wake_block: bytes | None = None) -> None:
+        """``block`` goes to a listening turn; ``wake_block`` (default: the same) to the wake
+        word detector."""
         if self.status.muted:
             return
         if self._turn_audio is not None:
             _offer(self._turn_audio, block)
+            return
+        if self._speech_barges_in(block):
             return
         if self.wake is None or not self.settings.wake.enabled:
             return
@@ -123,16 +157,51 @@ class VoiceLoop:
             if await self._detect_wake(self._wake_backlog.popleft()):
                 self._wake_backlog.clear()
                 return
-        await self._detect_wake(block)
+        await self._detect_wake(block if wake_block is None else wake_block)
 
     async def _detect_wake(self, block: bytes) -> bool:
         assert self.wake is not None
         started = time.perf_counter()
         self._heard.append(block)
         detection = await self.wake.process(block)
+        if detection is not None and self._own_voice(detection):
+            return False
         if detection is not None:
             self._on_wake(detection, time.perf_counter() - started)
         return detection is not None
+
+    def _own_voice(self, detection: Detection) -> bool:
+        """The device itself said the wake word ("Say hey Jarvis."): whatever echo is left
+        after cancellation must not wake it. Its sentences on the speaker now, or within the
+        room's echo tail, that contain the word's key word decide."""
+        key = max(detection.word.replace("_", " ").split(), key=len).lower()
+        if not self.speech.said_lately({key}, within_s=OWN_VOICE_TAIL_S):
+            return False
+        self.bus.emit(EventType.SELF_WAKE_IGNORED, word=detection.word,
+                      score=round(detection.score, 4))
+        log.info("wake word in the device's own voice ignored", word=detection.word)
+        if self.wake is not None:
+            self.wake.reset()
+        return True
+
+    def _speech_barges_in(self, block: bytes) -> bool:
+        """``pipeline.barge_in = speech``: the user talking over the device interrupts it,
+        once the echo canceller has converged (before, the device's own voice would)."""
+        if (self.settings.pipeline.barge_in != "speech"
+                or self.status.pipeline_state is not PipelineState.SPEAKING
+                or self.echo is None or not self.echo.converged):
+            self._barge_blocks.clear()
+            return False
+        self._barge_blocks.append((block, self.vad.is_speech(block)))
+        if sum(speech for _, speech in self._barge_blocks) < BARGE_IN_SPEECH_BLOCKS:
+            return False
+        heard = [b for b, _ in self._barge_blocks]
+        self._barge_blocks.clear()
+        log.info("barge-in by voice")
+        if self.start_turn(trigger="speech") is not None and self._turn_audio is not None:
+            for b in heard:  # the words that interrupted belong to the new utterance
+                _offer(self._turn_audio, b)
+        return True
 
     def _on_wake(self, detection: Detection, compute_s: float) -> None:
         turn_id = new_id("turn")
@@ -452,7 +521,18 @@ class VoiceLoop:
                           tokens=reply.stats.completion_tokens,
                           took_s=round(time.perf_counter() - llm_started, 4))
 
-        await self._speak(sentences(), turn_id, timings, persona.voice_config.params())
+        stats = SpeechStats()
+        try:
+            await self._speak(sentences(), turn_id, timings, persona.voice_config.params(),
+                              stats=stats)
+        except asyncio.CancelledError:
+            if stats.first_audio_at is not None or reply.completed:
+                # barge-in: keep what the user heard (written in the background: this task is
+                # being cancelled, and the next turn only reads history once the user spoke)
+                task = asyncio.create_task(self.conversation.keep_played(reply, stats.played_text))
+                self._turns.add(task)
+                task.add_done_callback(self._turns.discard)
+            raise
 
     def _on_sentence(self, turn_id: str, sentence: str, llm_started: float,
                      timings: TurnTimings) -> None:
@@ -461,7 +541,7 @@ class VoiceLoop:
         self.bus.emit(EventType.LLM_SENTENCE, turn_id, text=sentence)
 
     async def _speak(self, sentences: AsyncIterator[str], turn_id: str, timings: TurnTimings,
-                     voice) -> None:
+                     voice, stats: SpeechStats | None = None) -> None:
         def first_audio() -> None:
             self.status.set_state(PipelineState.SPEAKING, turn_id)
             if timings._deadline is not None:
@@ -473,7 +553,7 @@ class VoiceLoop:
                 timings._decided_at = None
 
         stats = await self.speech.speak(sentences, voice, turn_id=turn_id,
-                                        on_first_audio=first_audio)
+                                        on_first_audio=first_audio, stats=stats)
         timings.tts_first_sentence_s = stats.first_tts_s
 
     async def _speak_text(self, text: str, turn_id: str, timings: TurnTimings) -> None:

@@ -79,6 +79,16 @@ class AudioSettings(_Section):
     output_volume: float = Field(
         0.8, ge=0.0, le=1.0, description="Speaker volume at start (0..1), changed by commands."
     )
+    echo_cancel: Literal["auto", "webrtc", "system", "off"] = Field(
+        "auto", description="Take the device's own voice out of the microphone: 'webrtc' "
+        "in-process (WebRTC AEC3, pywebrtc-audio), 'system' the sound server's echo-cancel "
+        "source (PulseAudio/PipeWire module-echo-cancel as the default source), 'auto' system "
+        "when there is one, else webrtc, 'off'."
+    )
+    noise_suppression: bool = Field(
+        False, description="WebRTC noise suppression on the microphone before wake word, VAD "
+        "and STT (off by default: scripts/bench_echo.py measures where it lowers the WER)."
+    )
 
 
 class WakeSettings(_Section):
@@ -365,6 +375,10 @@ class PipelineSettings(_Section):
     )
     speculative_stt: bool = Field(
         True, description="Transcribe during the end-of-speech silence window (saves STT time)."
+    )
+    barge_in: Literal["wake", "speech"] = Field(
+        "wake", description="What interrupts the device while it speaks: the wake word (or the "
+        "talk button), or also any speech once the echo canceller has converged."
     )
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -30,6 +31,11 @@ class SpeechStats:
     first_audio_at: float | None = None  # perf_counter when the first audio started playing
     audio_s: float = 0.0
     completed: bool = False
+    played: list[str] = field(default_factory=list)  # what the user heard (a cut sentence: its start)
+
+    @property
+    def played_text(self) -> str:
+        return " ".join(self.played)
 
 
 class SpeechOutput:
@@ -41,6 +47,10 @@ class SpeechOutput:
         self.sentence_silence_s = sentence_silence_s
         self._lock = asyncio.Lock()
         self._speaking: set[asyncio.Task] = set()
+        self.playing = asyncio.Event()  # set while audio is being handed to the speaker
+        # sentences on the speaker now or lately: (text, start, end) on the sink's clock; the
+        # wake word said by the device itself is recognised by them
+        self.recent: deque[list] = deque(maxlen=4)  # [text, start, end or None]
 
     @property
     def speaking(self) -> bool:
@@ -66,10 +76,27 @@ class SpeechOutput:
 
         return await self.speak(sentences(), voice, turn_id=turn_id, interrupt=interrupt)
 
+    def clock(self) -> float:
+        """The speaker's clock (a simulated room has its own)."""
+        clock = getattr(self.sink, "clock", None)
+        return clock() if clock is not None else time.monotonic()
+
+    def said_lately(self, words: set[str], within_s: float) -> bool:
+        """Whether a sentence playing now, or ended less than ``within_s`` ago, has any of
+        ``words`` (lower case)."""
+        now = self.clock()
+        for text, _, ended in self.recent:
+            if ended is None or now - ended <= within_s:
+                heard = {w.strip(".,!?;:'\"").lower() for w in text.split()}
+                if heard & words:
+                    return True
+        return False
+
     async def speak(self, sentences: AsyncIterable[str], voice: VoiceParams, *,
                     turn_id: str | None = None, interrupt: bool = False,
-                    on_first_audio=None) -> SpeechStats:
-        stats = SpeechStats()
+                    on_first_audio=None, stats: SpeechStats | None = None) -> SpeechStats:
+        """Speak the sentences; ``stats`` (if given) is filled in even when cut short."""
+        stats = stats if stats is not None else SpeechStats()
         async with self._turn_at_the_speaker(interrupt):
             await self._pipeline(sentences, voice, turn_id, stats, on_first_audio)
         stats.completed = True
@@ -84,9 +111,34 @@ class SpeechOutput:
             self.bus.emit(EventType.PLAYBACK_START, turn_id, text=label,
                           audio_s=round(clip.duration_s, 3))
             try:
-                await self.sink.play(clip)
+                await self._play(clip)
             finally:
                 self.bus.emit(EventType.PLAYBACK_END, turn_id, text=label)
+
+    async def _play_sentence(self, sentence: str, clip: AudioClip, stats: SpeechStats) -> None:
+        started = self.clock()
+        entry: list = [sentence, started, None]
+        self.recent.append(entry)
+        try:
+            await self._play(clip)
+        except asyncio.CancelledError:
+            heard = (self.clock() - started) / clip.duration_s if clip.duration_s else 0.0
+            words = sentence.split()
+            kept = words[:int(len(words) * min(1.0, heard))]
+            if kept:
+                stats.played.append(" ".join(kept) + "…")
+            raise
+        finally:
+            entry[2] = self.clock()
+        stats.played.append(sentence)
+
+    async def _play(self, clip: AudioClip) -> None:
+        assert self.sink is not None
+        self.playing.set()
+        try:
+            await self.sink.play(clip)
+        finally:
+            self.playing.clear()
 
     @asynccontextmanager
     async def _turn_at_the_speaker(self, interrupt: bool):
@@ -140,11 +192,9 @@ class SpeechOutput:
                         on_first_audio()
                 self.bus.emit(EventType.PLAYBACK_START, turn_id, text=sentence,
                               audio_s=round(clip.duration_s, 3))
-                assert self.sink is not None
-                await self.sink.play(clip)
+                await self._play_sentence(sentence, clip, stats)
                 if self.sentence_silence_s:
-                    await self.sink.play(AudioClip.silence(self.sentence_silence_s,
-                                                           clip.sample_rate))
+                    await self._play(AudioClip.silence(self.sentence_silence_s, clip.sample_rate))
                 ahead.release()
                 stats.sentences += 1
                 stats.audio_s += clip.duration_s

@@ -238,6 +238,39 @@ class Store:
 
         return self.transaction(work)
 
+    def keep_played(self, session_id: str, turn_id: str, user_text: str, played: str, *,
+                    persona_id: str, source: str) -> bool:
+        """After a barge-in: the turn's reply becomes only what was played, marked
+        ``interrupted`` (written now, or replacing the whole reply recorded when the LLM
+        finished first). Nothing played: the turn is not kept at all."""
+        now = time.time()
+
+        def work(conn: sqlite3.Connection) -> bool:
+            if conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone() is None:
+                return False
+            row = conn.execute("SELECT id, latency_json FROM messages WHERE session_id = ? AND "
+                               "turn_id = ? AND role = 'assistant'", (session_id, turn_id)).fetchone()
+            if not played:
+                conn.execute("DELETE FROM messages WHERE session_id = ? AND turn_id = ?",
+                             (session_id, turn_id))
+                return True
+            meta = {**json.loads(row["latency_json"] or "{}"), "interrupted": 1} if row else \
+                {"interrupted": 1}
+            if row is not None:
+                conn.execute("UPDATE messages SET content = ?, latency_json = ? WHERE id = ?",
+                             (played, json.dumps(meta), row["id"]))
+            else:
+                conn.executemany(
+                    "INSERT INTO messages(session_id, turn_id, role, content, persona_id, source, "
+                    "tokens, latency_json, created_at) VALUES(?,?,?,?,?,?,?,?,?)",
+                    [(session_id, turn_id, "user", user_text, persona_id, source, 0, None, now),
+                     (session_id, turn_id, "assistant", played, persona_id, source, 0,
+                      json.dumps(meta), now)])
+            conn.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (now, session_id))
+            return True
+
+        return self.transaction(work)
+
     def set_summary(self, session_id: str, summary: str, summarized_upto: int) -> None:
         with self._lock:
             self._conn.execute(

@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import subprocess
 import tempfile
-import wave
 from pathlib import Path
 
-from companion.devices.audio import read_wav_16k_mono, resample
+from companion.devices.audio import read_wav_16k_mono, resample, write_wav
 from companion.models import ModelRegistry
 from companion.settings import PROJECT_ROOT, TtsSettings
 from companion.stages.tts import PiperSynthesizer, VoiceParams
@@ -53,12 +52,7 @@ def make(out: Path, *, wake: str | None, text: str | None, engine: str = "piper"
     if text:
         pcm += say(text)
     pcm += silence(tail_s)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(out), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(RATE)
-        wav.writeframes(pcm)
+    write_wav(out, pcm, RATE)
     return out
 
 

@@ -57,7 +57,8 @@ async def test_ready_all_lists_every_component(api):
     async with asyncio.timeout(5):
         body = await (await client.get("/ready/all")).json()
     assert set(body["components"]) == {"wake_word", "vad", "stt", "llm", "llm_remote", "tts",
-                                       "audio_in", "audio_out", "gpio", "control_plane", "storage"}
+                                       "audio_in", "audio_out", "echo_cancel", "gpio",
+                                       "control_plane", "storage"}
     assert body["components"]["llm_remote"] == {
         "healthy": True, "enabled": False, "detail": "llm.backend is local", "latency_ms": None}
     assert body["components"]["llm"]["healthy"] and body["components"]["llm"]["enabled"]

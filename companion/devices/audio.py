@@ -20,6 +20,7 @@ import numpy as np
 import structlog
 
 from companion import wav
+from companion.devices.echo import PlaybackReference
 from companion.stages.tts import AudioClip
 
 log = structlog.get_logger(__name__)
@@ -108,22 +109,27 @@ class SoundDeviceSource:
         self.queue_blocks = queue_blocks
         self.dropped_blocks = 0
         self.last_block_at = time.monotonic()
+        self.last_block_time_s: float | None = None  # monotonic time the block left the ADC
         self.device_rate = PIPELINE_RATE
 
     async def blocks(self) -> AsyncIterator[bytes]:
         import sounddevice as sd
 
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[bytes | Exception] = asyncio.Queue(self.queue_blocks)
+        queue: asyncio.Queue[tuple[bytes, float]] = asyncio.Queue(self.queue_blocks)
 
-        def enqueue(block: bytes) -> None:
+        def enqueue(item: tuple[bytes, float]) -> None:
             if queue.full():
                 self.dropped_blocks += 1
                 return
-            queue.put_nowait(block)
+            queue.put_nowait(item)
 
         def callback(indata, frames, time_info, status) -> None:  # PortAudio's thread
-            loop.call_soon_threadsafe(enqueue, bytes(indata))
+            # the echo canceller lines this block up with what the speaker played at that time
+            age = time_info.currentTime - time_info.inputBufferAdcTime
+            if not 0 <= age < 1 or not time_info.inputBufferAdcTime:
+                age = frames / self.device_rate
+            loop.call_soon_threadsafe(enqueue, (bytes(indata), time.monotonic() - age))
 
         stream = self._open(sd, callback)
         resampler = None
@@ -134,7 +140,7 @@ class SoundDeviceSource:
         log.info("microphone open", device=self.name, rate=self.device_rate)
         with stream:
             while True:
-                block = await queue.get()
+                block, self.last_block_time_s = await queue.get()
                 self.last_block_at = time.monotonic()
                 if resampler is not None:
                     block = resampler.resample_chunk(np.frombuffer(block, np.int16)).tobytes()
@@ -168,22 +174,45 @@ class SoundDeviceSink:
         self._stream = None
         self._rate = 0  # the rate the stream runs at
         self._requested_rate = 0  # the clip rate it was opened for (may differ: fallback)
+        self._latency = 0.0  # output latency PortAudio reports (when the callback's timing is 0)
         self._lock = threading.Lock()
         self._pending = bytearray()  # PCM waiting for the callback
         self._drained: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.reference: PlaybackReference | None = None  # the echo canceller's far end
+        self._pending16 = bytearray()  # the same audio at 16 kHz, for the reference
+        self._carry16 = 0.0  # fractional 16 kHz samples owed by the last callback
 
     def _callback(self, outdata, frames, time_info, status) -> None:  # PortAudio's thread
         wanted = len(outdata)
         with self._lock:
             chunk = bytes(self._pending[:wanted])
             del self._pending[:wanted]
+            ref = self._take_reference(len(chunk) // 2) if self.reference is not None else b""
+            if not self._pending:
+                self._pending16.clear()  # rounding leftovers of the clip that just ended
             done = self._drained if not self._pending else None
             if done is not None:
                 self._drained = None
         outdata[:] = chunk + bytes(wanted - len(chunk))
+        if self.reference is not None:
+            # when this buffer reaches the DAC, by the stream's own clock: the reference is
+            # stamped with it, so the canceller needs no delay guess
+            ahead = time_info.outputBufferDacTime - time_info.currentTime
+            if not 0 <= ahead < 1 or not time_info.outputBufferDacTime:
+                ahead = self._latency
+            self.reference.write(time.monotonic() + ahead, np.frombuffer(ref, np.int16))
         if done is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(done.set)
+
+    def _take_reference(self, device_samples: int) -> bytes:
+        """The 16 kHz twin of the ``device_samples`` just handed to the device (lock held)."""
+        exact = device_samples * PIPELINE_RATE / (self._rate or PIPELINE_RATE) + self._carry16
+        n = int(exact)
+        self._carry16 = exact - n
+        ref = bytes(self._pending16[:2 * n])
+        del self._pending16[:2 * n]
+        return ref
 
     def _ensure_stream(self, rate: int):
         import sounddevice as sd
@@ -201,6 +230,7 @@ class SoundDeviceSink:
                     callback=self._callback, latency="low",
                 )
                 self._rate = candidate
+                self._latency = float(self._stream.latency or 0.0)
                 break
             except sd.PortAudioError as exc:
                 last = exc
@@ -219,8 +249,10 @@ class SoundDeviceSink:
             return
         self._loop = asyncio.get_running_loop()
         drained = asyncio.Event()
+        ref16 = resample(clip.pcm, clip.sample_rate, PIPELINE_RATE) if self.reference else b""
         with self._lock:
             self._pending.extend(pcm)
+            self._pending16.extend(apply_volume(ref16, self.volume))
             self._drained = drained
         try:
             await drained.wait()
@@ -232,6 +264,8 @@ class SoundDeviceSink:
         """Silence at once: what has not been handed to the device yet is dropped."""
         with self._lock:
             self._pending.clear()
+            self._pending16.clear()
+            self._carry16 = 0.0
             self._drained = None
 
     def close(self) -> None:
@@ -252,6 +286,16 @@ def read_wav_16k_mono(path: Path) -> bytes:
     except wav.WavError as exc:
         raise AudioFileError(f"{path}: {exc}") from None
     return resample(pcm, rate, PIPELINE_RATE)
+
+
+def write_wav(path: Path, pcm: bytes, rate: int = PIPELINE_RATE) -> None:
+    """16-bit mono PCM to a WAV file (its directory made if needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm)
 
 
 class WavFileSource:

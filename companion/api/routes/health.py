@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 COMPONENTS = ("wake_word", "vad", "stt", "llm", "llm_remote", "tts", "audio_in", "audio_out",
-              "gpio", "control_plane", "storage")
+              "echo_cancel", "gpio", "control_plane", "storage")
 
 
 @route("GET", "/health", summary="Liveness", tag="health", response=s.HealthResponse)
@@ -84,7 +84,7 @@ def _absent_reason(app: App, name: str) -> str:
         return "wake word disabled in settings"
     if name == "gpio" and not (st.gpio.enabled and app.features.gpio):
         return "GPIO disabled"
-    if name in ("wake_word", "vad", "stt", "audio_in"):
+    if name in ("wake_word", "vad", "stt", "audio_in", "echo_cancel"):
         return "voice loop off (no microphone)"
     if name == "audio_out":
         return "no audio output"

@@ -1,0 +1,105 @@
+"""Echo cancellation: the reference lines up with the microphone, AEC3 takes the echo out,
+and every way it can be missing falls back with a warning instead of a dead microphone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from companion.devices import echo as echo_mod
+from companion.devices.echo import EchoCanceller, EchoControl, PlaybackReference, resolve_mode
+from companion.room import Room, RoomConfig
+from companion.stages.tts import AudioClip
+from tests.test_room import speechlike, tone_speech
+
+RATE = 16000
+
+
+def test_reference_returns_what_played_when_it_played() -> None:
+    ref = PlaybackReference()
+    ref.write(10.0, np.arange(1, 161, dtype=np.int16))
+    ref.write(10.01 + 0.0001, np.full(160, 7, np.int16))  # jitter: snapped to the end
+    got = ref.read(10.0 - 0.005, 400)
+    assert (got[:80] == 0).all()
+    assert (got[80:240] == np.arange(1, 161)).all()
+    assert (got[240:400] == 7).all()
+    assert (ref.read(11.0, 160) == 0).all()  # nothing played then
+    ref.write(12.0, np.full(160, 3, np.int16))  # a gap is silence, not stale audio
+    assert (ref.read(11.5, 160) == 0).all()
+
+
+async def _cancel_in_room(echo_db: float) -> tuple[np.ndarray, np.ndarray]:
+    room = Room(RoomConfig(echo_db=echo_db, rt60=0.25, delay_ms=30), b"", realtime=False,
+                tail_silence_s=6.0)
+    room.speaker.reference = PlaybackReference()
+    canceller = EchoCanceller(room.speaker.reference)
+    mic = room.source()
+    play = asyncio.create_task(room.speaker.play(AudioClip(speechlike(5.0, 1), RATE)))
+    raw, cleaned = [], []
+    async with asyncio.timeout(20):
+        async for block in mic.blocks():
+            raw.append(np.frombuffer(block, np.int16))
+            cleaned.append(np.frombuffer(canceller.process(block, mic.last_block_time_s), np.int16))
+            if play.done():
+                break
+    return np.concatenate(raw).astype(float), np.concatenate(cleaned).astype(float)
+
+
+def test_aec_takes_the_echo_out_after_convergence() -> None:
+    raw, cleaned = asyncio.run(_cancel_in_room(6.0))
+    late = slice(2 * RATE, 5 * RATE)  # after convergence
+    erle = 10 * np.log10((raw[late] ** 2).mean() / ((cleaned[late] ** 2).mean() + 1e-9))
+    assert erle >= 20
+
+
+def test_resolve_mode_falls_back_with_a_warning(caplog) -> None:
+    assert resolve_mode("off", system_source="ec", webrtc_error=None)[0] == "off"
+    assert resolve_mode("auto", system_source="echo-cancel-source", webrtc_error=None)[0] == "system"
+    assert resolve_mode("auto", system_source=None, webrtc_error=None)[0] == "webrtc"
+    assert resolve_mode("system", system_source=None, webrtc_error=None)[0] == "webrtc"
+    mode, detail = resolve_mode("webrtc", system_source=None,
+                                webrtc_error="pywebrtc-audio not usable: No module")
+    assert mode == "off" and "pywebrtc-audio" in detail
+
+
+def test_missing_package_means_no_canceller_not_a_crash(monkeypatch) -> None:
+    monkeypatch.setattr(echo_mod, "webrtc_available", lambda: "pywebrtc-audio not usable: gone")
+    control = EchoControl("auto", PlaybackReference(), probe_system=lambda: None)
+    assert control.mode == "off" and control.canceller is None
+    block = tone_speech(0.03)
+    assert asyncio.run(control.process(block, 0.0)) == block
+    control.close()
+
+
+def test_vanishing_system_source_falls_back_to_webrtc() -> None:
+    sources = ["echo-cancel-source"]
+    changes: list[str] = []
+    control = EchoControl("auto", PlaybackReference(),
+                          probe_system=lambda: sources[0] if sources else None,
+                          on_change=lambda c: changes.append(c.mode))
+    assert control.mode == "system" and control.converged
+
+    async def go() -> None:
+        watcher = asyncio.create_task(control.watch(period_s=0.01))
+        sources.clear()
+        try:
+            async with asyncio.timeout(5):
+                while control.mode == "system":  # noqa: ASYNC110  state the watcher changes
+                    await asyncio.sleep(0.01)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    asyncio.run(go())
+    assert changes == ["system", "webrtc"] and control.canceller is not None
+    assert not control.converged
+    control.close()
+
+
+@pytest.mark.parametrize("requested", ["webrtc", "auto"])
+def test_no_reference_no_aec(requested) -> None:
+    control = EchoControl(requested, None, probe_system=lambda: None)
+    assert control.mode == "off" and "reference" in control.detail
+    control.close()
