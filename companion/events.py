@@ -191,6 +191,18 @@ class ExchangeRecorded(Payload):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ReplyInterrupted(Payload):
+    session_id: str
+    played: str  # the words the user heard; only these are kept in the conversation
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SelfWakeIgnored(Payload):
+    word: str
+    score: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class StateChanged(Payload):
     state: str
     previous: str
@@ -287,6 +299,8 @@ PAYLOADS: dict[EventType, type[Payload]] = {
     EventType.TURN_ERROR: TurnError,
     EventType.TURN_CANCELLED: NoFields,
     EventType.EXCHANGE_RECORDED: ExchangeRecorded,
+    EventType.REPLY_INTERRUPTED: ReplyInterrupted,
+    EventType.SELF_WAKE_IGNORED: SelfWakeIgnored,
     EventType.STATE_CHANGED: StateChanged,
     EventType.BUTTON: Button,
     EventType.MUTE_CHANGED: MuteChanged,
