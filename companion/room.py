@@ -298,6 +298,7 @@ class RoomSpeaker:
         self._consumed_total = 0  # samples ever played
         self.out: list[np.ndarray] = []  # what was played, block by block (the output WAV)
         self.reference: PlaybackReference | None = None
+        self.stopped_at: float | None = None  # perf_counter of the last stop that cut playback
 
     def clock(self) -> float:
         """Playback time is the room's time (in a fast simulation it is not the wall clock)."""
@@ -307,15 +308,20 @@ class RoomSpeaker:
     def pending(self) -> bool:
         return self._queued_total > self._consumed_total
 
+    def enqueue(self, samples: np.ndarray) -> int:
+        """Queue 16 kHz samples to play from the next block on; returns the playback mark
+        (samples ever queued) at which they will have been played."""
+        self._queue.append(np.asarray(samples, dtype=np.float64))
+        self._queued_total += len(samples)
+        return self._queued_total
+
     async def play(self, clip: AudioClip) -> None:
         pcm = apply_volume(resample(clip.pcm, clip.sample_rate, PIPELINE_RATE), self.volume)
         if not pcm:
             return
-        samples = np.frombuffer(pcm, np.int16).astype(np.float64)
-        self._queue.append(samples)
-        self._queued_total += len(samples)
+        mark = self.enqueue(np.frombuffer(pcm, np.int16))
         done = asyncio.get_running_loop().create_future()
-        self._waiters.append((self._queued_total, done))
+        self._waiters.append((mark, done))
         try:
             await done
         except asyncio.CancelledError:
@@ -324,6 +330,8 @@ class RoomSpeaker:
 
     def stop(self) -> None:
         """Silence from the next block on (barge-in): the echo stops with it."""
+        if self.pending:
+            self.stopped_at = time.perf_counter()
         self._queued_total = self._consumed_total
         self._queue.clear()
         self._offset = 0

@@ -37,7 +37,7 @@ def test_wake_word_over_the_reply_cuts_it_and_starts_a_new_turn(tmp_path):
     events_path = tmp_path / "events.jsonl"
     result = companion("simulate", "--input", str(wav), "--output", str(tmp_path / "out.wav"),
                        "--events", str(events_path), "--fast", "--room-echo-db", "-6",
-                       "--room-seed", "3")
+                       "--room-seed", "3", timeout=420)  # a loaded CI machine warms personas slowly
     assert result.returncode == 0, result.stderr[-2000:]
     events = events_of(events_path)
     kinds = [e["type"] for e in events]
@@ -79,7 +79,7 @@ def test_a_question_in_a_noisy_room_is_transcribed(tmp_path):
     events_path = tmp_path / "events.jsonl"
     result = companion("simulate", "--input", str(wav), "--output", str(tmp_path / "out.wav"),
                        "--events", str(events_path), "--fast", "--room-noise", "babble",
-                       "--room-snr-db", "10", "--room-seed", "1")
+                       "--room-snr-db", "10", "--room-seed", "1", timeout=420)
     assert result.returncode == 0, result.stderr[-2000:]
     events = events_of(events_path)
     text = next(e for e in events if e["type"] == "stt-end")["text"].lower()

@@ -110,6 +110,7 @@ class SoundDeviceSource:
         self.dropped_blocks = 0
         self.last_block_at = time.monotonic()
         self.last_block_time_s: float | None = None  # monotonic time the block left the ADC
+        self._last_block_s = 0.0
         self.device_rate = PIPELINE_RATE
 
     async def blocks(self) -> AsyncIterator[bytes]:
@@ -140,11 +141,21 @@ class SoundDeviceSource:
         log.info("microphone open", device=self.name, rate=self.device_rate)
         with stream:
             while True:
-                block, self.last_block_time_s = await queue.get()
+                block, captured_at = await queue.get()
                 self.last_block_at = time.monotonic()
+                self.last_block_time_s = self._steady(captured_at, len(block) / 2 / self.device_rate)
                 if resampler is not None:
                     block = resampler.resample_chunk(np.frombuffer(block, np.int16)).tobytes()
                 yield block
+
+    def _steady(self, captured_at: float, block_s: float) -> float:
+        """The capture clock is continuous: a block starts where the last one ended, unless
+        the callback's own stamp is more than 20 ms off (dropped blocks, an xrun). Callback
+        scheduling jitters by milliseconds; the echo canceller's alignment must not."""
+        expected = (self.last_block_time_s + self._last_block_s
+                    if self.last_block_time_s is not None else captured_at)
+        self._last_block_s = block_s
+        return expected if abs(captured_at - expected) < 0.02 else captured_at
 
     def _open(self, sd, callback):
         for rate in (PIPELINE_RATE, None):

@@ -27,7 +27,7 @@ RATE = 16000
 FRAME = RATE // 100  # AEC3 works on 10 ms frames
 CONVERGE_FAR_S = 1.5  # far-end speech the filter needs before its output is trusted
 CONVERGED_ERLE_DB = 12.0
-SNAP = RATE * 3 // 1000  # timing jitter between two output buffers that is smoothed over
+SNAP = RATE * 20 // 1000  # timing jitter between two output buffers that is smoothed over
 
 
 class PlaybackReference:
