@@ -194,13 +194,13 @@ async def bench_self_wakes(speak, seconds: float) -> dict:
     return result
 
 
-async def bench_wer(speak, snrs: list[float], kinds: list[str]) -> dict:
+async def bench_wer(speak, snrs: list[float], kinds: list[str], *, questions: int) -> dict:
     from companion.app import _real_stt
     from companion.models import ModelRegistry
 
     s = settings()
     stt = _real_stt(s, ModelRegistry(s.models_dir))
-    clips = [(q, speak(q, 1.0)) for q in QUESTIONS]
+    clips = [(q, speak(q, 1.0)) for q in QUESTIONS[:questions]]
     out: dict = {"questions": len(clips), "stt": s.stt.model}
     for kind in kinds:
         for snr in snrs:
@@ -262,8 +262,11 @@ async def bench_barge_in(trials: int) -> dict:
         app.voice.hears_itself = True
         room.linger = lambda app=app: app.speech.speaking
         voice = app.conversation.active_persona.voice_config.params()
-        pump = asyncio.create_task(app.voice.run())
         say = asyncio.create_task(app.speech.say(" ".join(REPLY), voice))
+        # the room's clock starts with the reply (it stands still until the mic is read)
+        async with asyncio.timeout(120):
+            await app.speech.playing.wait()
+        pump = asyncio.create_task(app.voice.run())
         try:
             async with asyncio.timeout(120):
                 await asyncio.gather(say, return_exceptions=True)
@@ -341,11 +344,12 @@ async def run(args: argparse.Namespace) -> dict:
     quick = args.quick
     result: dict = {"quick": quick}
     result["erle"] = await bench_erle(speak, [0] if quick else [0, 1, 2, 3, 4])
-    result["wake_over_reply"] = await bench_wake_over_reply(speak, 2 if quick else 10, [6.0, 12.0])
+    result["wake_over_reply"] = await bench_wake_over_reply(speak, 1 if quick else 10, [6.0, 12.0])
     result["barge_in"] = await bench_barge_in(1 if quick else 3)
-    result["self_wakes"] = await bench_self_wakes(speak, 60.0 if quick else 3600.0)
+    result["self_wakes"] = await bench_self_wakes(speak, 15.0 if quick else 3600.0)
     result["wer"] = await bench_wer(speak, [10.0] if quick else [20.0, 10.0, 5.0],
-                                    ["pink"] if quick else ["pink", "babble"])
+                                    ["pink"] if quick else ["pink", "babble"],
+                                    questions=2 if quick else len(QUESTIONS))
     if args.plot is not None:
         result["plot"] = await plot_barge_in(speak, args.plot)
     return result

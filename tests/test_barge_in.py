@@ -4,30 +4,42 @@ models do the same in tests/test_room_real.py)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from companion.devices.echo import EchoControl, PlaybackReference
 from companion.events import EventType
-from tests.conftest import fake_app, make_settings
+from tests.conftest import fake_app, make_settings, until
 from tests.fakes import BLOCK, FakeChatModel, FakeMic, FakeSpeaker, speech_block, wake_block
 from tests.test_pipeline import UTTERANCE, collect, run_mic
 
-LONG = " ".join(f"Sentence number {n} has a few more words." for n in range(1, 9))
+LONG = " ".join(f"Sentence number {n} has a few more words." for n in range(1, 17))
 
 
 async def test_barge_in_keeps_only_what_was_played_marked_interrupted(tmp_path):
     settings = make_settings(tmp_path, pipeline={"follow_up_window_s": 0})
-    blocks = UTTERANCE[:-40] + [BLOCK] * 300 + [wake_block()] + [BLOCK] * 80
-    app = fake_app(settings, source=FakeMic(blocks, delay_s=0.005),
-                   sink=FakeSpeaker(realtime=True, speed=2), llm=FakeChatModel(LONG))
+    mic = FakeMic(UTTERANCE[:-40] + [BLOCK] * 4000, delay_s=0.005)
+    app = fake_app(settings, source=mic, sink=FakeSpeaker(realtime=True, speed=2),
+                   llm=FakeChatModel(LONG))
     events = collect(app)
     await app.start()
-    await run_mic(app, limit_s=10)
+    pump = asyncio.create_task(app.voice.run())
+    try:
+        # the talk button while the second sentence plays (the wake word does the same)
+        await until(lambda: sum(e.type is EventType.PLAYBACK_START for e in events) >= 2, 10)
+        app.voice.start_turn(trigger="button")  # what the talk button does
+        await until(lambda: any(e.type is EventType.REPLY_INTERRUPTED for e in events), 10)
+    finally:
+        pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
     cut = next(e for e in events if e.type is EventType.REPLY_INTERRUPTED)
     played = cut.data["played"]
     session = app.store.get_session(cut.data["session_id"])
     reply = [m for m in session.messages if m.turn_id == cut.turn_id and m.role == "assistant"]
     assert len(reply) == 1 and reply[0].content == played
     assert reply[0].latency["interrupted"] == 1
-    assert played and len(played) < len(LONG) / 2 and LONG.startswith(played.rstrip("…"))
+    first = LONG.split(". ")[0] + "."
+    assert played.startswith(first) and len(played) < len(LONG) / 2
+    assert LONG.startswith(played.rstrip("…"))
     await app.aclose()
 
 
