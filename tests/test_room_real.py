@@ -1,5 +1,5 @@
 """The whole daemon on the real models in simulated rooms (companion/room.py): barge-in over
-the device's own voice, the device saying its wake word, a question in a noisy room."""
+the device's own voice, and the device saying its wake word."""
 
 from __future__ import annotations
 
