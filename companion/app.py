@@ -117,17 +117,31 @@ class App:
     # --- start-up ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load models (in threads: the loop keeps serving /health meanwhile) and wire the
-        pipeline. A model that fails is reported on its component and in /ready."""
+        """Load models (in threads, all at once: start-up takes as long as the slowest model,
+        and the loop keeps serving /health meanwhile) and wire the pipeline. A model that fails
+        is reported on its component and in /ready."""
         p, s = self.parts, self.settings
-        await self._load("tts", lambda: p.tts or _real_tts(s, self.registry, self.compute_gate), attr="tts")
+        voice = self.features.voice_loop and self.features.llm
+        source = self._microphone(p, s) if voice else None
+        loads = [self._load("tts", lambda: p.tts or _real_tts(s, self.registry, self.compute_gate),
+                            attr="tts")]
+        if self.features.llm:
+            loads.append(self._load(
+                "llm", lambda: p.llm or _real_llm(s, self.registry, self.compute_gate), attr="llm"))
+        if source is not None:
+            loads.append(self._load(
+                "stt", lambda: p.stt or _real_stt(s, self.registry, self.compute_gate), attr="stt"))
+            loads.append(self._load("vad", lambda: p.vad or _real_vad(s), attr="vad"))
+            self.wake = None
+            if s.wake.enabled:
+                loads.append(self._load("wake_word", lambda: p.wake or _real_wake(s, self.registry),
+                                        attr="wake"))
+        await asyncio.gather(*loads)
         self.personas = PersonaLibrary(s.personas.dir, voice_exists=self.tts.has_voice)
         errors = self.personas.load()
         for error in errors:
             log.warning("persona file rejected", error=str(error))
         if self.features.llm:
-            await self._load("llm", lambda: p.llm or _real_llm(s, self.registry, self.compute_gate),
-                             attr="llm")
             self._watch_llm_backend()
             self.conversation = ConversationManager(
                 llm=self.llm, store=self.store, personas=self.personas, settings=s.llm,
@@ -142,15 +156,20 @@ class App:
         self.sink = sink
         self.speech = SpeechOutput(self.tts, sink, self.bus,
                                    sentence_silence_s=s.tts.sentence_silence_s)
-        if self.features.voice_loop and self.features.llm:
-            await self._start_voice(p, s)
+        if source is not None:
+            self.voice = VoiceLoop(
+                settings=s, bus=self.bus, status=self.status, source=source, wake=self.wake,
+                vad=self.vad, stt=self.stt, conversation=self.conversation, speech=self.speech,
+                intent_handler=p.intent_handler or _local_commands(self),
+            )
+            self.voice.echo = self._echo_control(s)
         self.status.set_component("storage", True, str(self.store.path))
         self.bus.add_callback(self._after_turn)
         self.ready.set()
         self.bus.emit(EventType.STATE_CHANGED, state=str(self.status.pipeline_state),
                       previous=str(self.status.pipeline_state))
 
-    async def _start_voice(self, p: Parts, s: CompanionSettings) -> None:
+    def _microphone(self, p: Parts, s: CompanionSettings) -> AudioSource | None:
         source = p.source
         if source is None and self.features.audio_devices:
             source = await self._open_audio("audio_in", lambda: _real_source(s))
@@ -159,20 +178,7 @@ class App:
         if source is None:
             log.warning("no microphone: the voice loop is off; the HTTP API, chat and the "
                         "control link keep working")
-            return
-        await self._load("stt", lambda: p.stt or _real_stt(s, self.registry, self.compute_gate), attr="stt")
-        await self._load("vad", lambda: p.vad or _real_vad(s), attr="vad")
-        if s.wake.enabled:
-            await self._load("wake_word", lambda: p.wake or _real_wake(s, self.registry),
-                             attr="wake")
-        else:
-            self.wake = None
-        self.voice = VoiceLoop(
-            settings=s, bus=self.bus, status=self.status, source=source, wake=self.wake,
-            vad=self.vad, stt=self.stt, conversation=self.conversation, speech=self.speech,
-            intent_handler=p.intent_handler or _local_commands(self),
-        )
-        self.voice.echo = self._echo_control(s)
+        return source
 
     def _echo_control(self, s: CompanionSettings):
         """Echo cancellation with what the speaker plays as the reference (when the sink can

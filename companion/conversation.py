@@ -413,6 +413,15 @@ class ConversationManager:
         messages.append({"role": "user", "content": persona.behavior_config.user_turn(text)})
         return messages, overflow
 
+    async def voice_context(self) -> list[ChatMessage]:
+        """Everything of the next voice turn's prompt before the user's words. The end-of-turn
+        check reads the user's words after exactly these, so the reply's prompt re-uses them."""
+        persona = self.active_persona
+        found = await self._history(await self.active_session())
+        summary, history = found if found is not None else ("", [])
+        kept, _ = self._window(history, persona.behavior_config.max_tokens)
+        return self._context(persona, summary, kept)
+
     def _window(self, history: Sequence[Message],
                 max_tokens: int) -> tuple[list[Message], list[Message]]:
         """(turns in the prompt, turns to fold into the summary).

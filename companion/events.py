@@ -23,6 +23,7 @@ class EventType(StrEnum):
     TURN_START = "turn-start"
     LISTEN_START = "listen-start"
     SPEECH_START = "speech-start"
+    END_OF_TURN = "end-of-turn"  # a pause judged: is the utterance complete? (probability)
     SPEECH_END = "speech-end"
     NO_SPEECH = "no-speech"
     STT_START = "stt-start"

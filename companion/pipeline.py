@@ -5,9 +5,11 @@ listening, and to the listening turn otherwise. A turn is one task with an id (b
 log line), a timeout, and typed start/end events for each stage; a button, the wake word while
 speaking (barge-in), mute or the stop command cancel it.
 
-Latency: transcription starts speculatively as soon as the user pauses, while the endpoint is
-still waiting out its silence window; when the pause turns out to be the end of speech, the
-transcript is (nearly) ready and the LLM starts at once.
+Listening (``_Listener``): the utterance is transcribed in the background while the person
+talks (``StreamingTranscription``), and at each pause the words so far are judged by the LLM's
+end-of-turn probability (``stages/turn.py``): a complete question ends after a short silence, a
+pause mid-sentence waits longer, a local command ends at once. The transcript of the final pause
+is the final transcript, so the LLM starts as soon as the turn ends.
 """
 
 from __future__ import annotations
@@ -30,15 +32,21 @@ from companion.settings import CompanionSettings, VadSettings
 from companion.speech import SpeechOutput, SpeechStats
 from companion.stages.llm import Priority
 from companion.stages.sentences import SentenceSplitter
-from companion.stages.stt import Transcriber, Transcript
-from companion.stages.vad import Endpointer, SegmentState, SpeechClassifier
+from companion.stages.stt import StreamingTranscription, Transcriber, Transcript
+from companion.stages.turn import (
+    EndOfTurnModel,
+    TurnDecision,
+    TurnPolicy,
+    is_instant_command,
+    normalize_transcript,
+)
+from companion.stages.vad import Endpointer, EndpointResult, SegmentState, SpeechClassifier
 from companion.stages.wake import Detection, WakeDetector
 from companion.state import DeviceStatus, TurnTimings
 from companion.store import new_id
 
 log = structlog.get_logger(__name__)
 
-SPECULATIVE_STT_AFTER_S = 0.25  # pause length that starts a speculative transcription
 WAKE_CONTEXT_S = 3.0  # audio kept up to a wake word: the word and the noise floor before it
 OWN_VOICE_TAIL_S = 1.0  # after a sentence ends, its echo (and the wake model's window) lingers
 BARGE_IN_WINDOW_BLOCKS = 16  # barge-in by voice: of the last ~0.5 s of blocks ...
@@ -426,59 +434,33 @@ class VoiceLoop:
         self, turn_id: str, audio: asyncio.Queue[bytes | None], vad_settings: VadSettings,
         timings: TurnTimings,
     ) -> Transcript | None:
-        endpointer = Endpointer(vad_settings, self.vad)
+        listener = _Listener(self, turn_id, vad_settings)
         self.bus.emit(EventType.LISTEN_START, turn_id)
         self._listening = True
-        # (audio time where the pause began, transcription of everything up to it)
-        speculative: tuple[float, asyncio.Task[Transcript]] | None = None
-        state = SegmentState.WAITING
         try:
-            while state in (SegmentState.WAITING, SegmentState.SPEECH):
-                block = await audio.get()
-                if block is None:  # the microphone ended (end of a WAV)
-                    break
-                previous, state = state, endpointer.feed(block)
-                if previous is SegmentState.WAITING and state is SegmentState.SPEECH:
-                    self.bus.emit(EventType.SPEECH_START, turn_id,
-                                  audio_time_s=round(endpointer.segmenter.speech_start_s or 0, 3))
-                seg = endpointer.segmenter
-                if (self.settings.pipeline.speculative_stt and state is SegmentState.SPEECH
-                        and seg.silence_s >= SPECULATIVE_STT_AFTER_S):
-                    pause_began = round(seg.audio_s - seg.silence_s, 3)
-                    # one speculative run at a time: a cancelled one keeps whisper's thread busy
-                    # until it finishes, and the real transcription would queue behind it
-                    if speculative is None or (speculative[0] != pause_began
-                                               and speculative[1].done()):
-                        pcm = endpointer.result().audio
-                        speculative = (pause_began, asyncio.create_task(self.stt.transcribe(pcm)))
+            result = await listener.listen(audio)
             decided_at = time.perf_counter()
             self._listening = False
-            result = endpointer.result()
             if result.state in (SegmentState.WAITING, SegmentState.NO_SPEECH) or not result.audio:
                 self.bus.emit(EventType.NO_SPEECH, turn_id, audio_s=round(result.audio_s, 3))
                 return None
             timings.endpoint_s = (result.speech_end_s or result.audio_s) - (result.speech_start_s or 0)
+            decision = listener.final_decision()
             self.bus.emit(EventType.SPEECH_END, turn_id,
                           audio_time_s=round(result.speech_end_s or result.audio_s, 3),
-                          speech_s=round(timings.endpoint_s, 3))
+                          speech_s=round(timings.endpoint_s, 3),
+                          silence_s=round(listener.silence_at_end_s, 3), **decision.as_event())
             self.status.set_state(PipelineState.THINKING, turn_id)
-            for listener in self.utterance_listeners:
-                listener(turn_id, result.audio)
+            for listener_cb in self.utterance_listeners:
+                listener_cb(turn_id, result.audio)
             self.bus.emit(EventType.STT_START, turn_id, audio_s=round(len(result.audio) / 32000, 3))
             timings._decided_at = decided_at
-            timings._silence_window_s = vad_settings.silence_end_s
-            final_pause = round((result.speech_end_s or -1.0), 3)
-            if (speculative is not None and speculative[0] == final_pause
-                    and not speculative[1].cancelled()):
-                transcript = await speculative[1]
-                reused = True
-            else:
-                transcript = await self.stt.transcribe(result.audio)
-                reused = False
-            speculative = None
+            timings._silence_window_s = listener.silence_at_end_s
+            transcript, reused = await listener.final_transcript(result)
             timings.stt_s = time.perf_counter() - decided_at
             self.bus.emit(EventType.STT_END, turn_id, text=transcript.text,
-                          took_s=round(timings.stt_s, 4), speculative=reused)
+                          took_s=round(timings.stt_s, 4), speculative=reused,
+                          **listener.stt_cost())
             log.info("transcript", chars=len(transcript.text), stt_s=round(timings.stt_s, 3))
             log.debug("transcript text", text=transcript.text)
             if not transcript.text.strip():
@@ -488,10 +470,7 @@ class VoiceLoop:
             return transcript
         finally:
             self._listening = False
-            if speculative is not None and not speculative[1].done():
-                speculative[1].cancel()
-            elif speculative is not None and not speculative[1].cancelled():
-                speculative[1].exception()  # retrieved: a failed speculation is not an error
+            listener.close()
 
     async def _answer(self, turn_id: str, text: str, timings: TurnTimings) -> None:
         persona = self.conversation.active_persona
@@ -596,6 +575,177 @@ class VoiceLoop:
         elif not self.busy:
             self.status.set_state(PipelineState.IDLE)
         self.bus.emit(EventType.MUTE_CHANGED, muted=muted)
+
+
+@dataclass
+class _Probe:
+    """The words at one pause and the judgement of them (a task while it runs)."""
+
+    pause_began_s: float  # audio time where the pause began
+    task: asyncio.Task[tuple[Transcript, TurnDecision]]
+
+    def outcome(self) -> tuple[Transcript, TurnDecision] | None:
+        if not self.task.done() or self.task.cancelled() or self.task.exception() is not None:
+            return None
+        return self.task.result()
+
+
+class _Listener:
+    """One utterance: endpointing, transcription while the person talks, and at each pause the
+    end-of-turn judgement. Decisions are made in audio seconds (the audio that has been
+    consumed), so they are the same on a fast or slow machine; when a judgement is needed and
+    not ready, the microphone's audio waits in its queue."""
+
+    def __init__(self, loop: VoiceLoop, turn_id: str, vad_settings: VadSettings) -> None:
+        self.loop = loop
+        self.turn_id = turn_id
+        settings = loop.settings
+        model = getattr(loop.conversation, "llm", None)
+        self.policy = TurnPolicy(settings.turn, vad_settings.silence_end_s,
+                                 model_available=isinstance(model, EndOfTurnModel))
+        self.model = model
+        # the segmenter ends an utterance by itself only after the longest silence
+        self.endpointer = Endpointer(
+            vad_settings.model_copy(update={"silence_end_s": self.policy.longest_silence_s}),
+            loop.vad)
+        self.speculate = settings.pipeline.speculative_stt or self.policy.semantic
+        stt = loop.stt
+        self.streaming = (StreamingTranscription(stt, language=settings.stt.language)
+                          if settings.turn.streaming_stt and hasattr(stt, "transcribe_words")
+                          else None)
+        self._partial: asyncio.Task[Transcript] | None = None
+        self._partial_at_s = 0.0
+        self.probe: _Probe | None = None
+        self._context: list | None = None
+        self.silence_at_end_s = 0.0
+
+    async def listen(self, audio: asyncio.Queue[bytes | None]) -> EndpointResult:
+        endpointer, seg = self.endpointer, self.endpointer.segmenter
+        state = SegmentState.WAITING
+        while state in (SegmentState.WAITING, SegmentState.SPEECH):
+            block = await audio.get()
+            if block is None:  # the microphone ended (end of a WAV)
+                break
+            previous, state = state, endpointer.feed(block)
+            if previous is SegmentState.WAITING and state is SegmentState.SPEECH:
+                self.loop.bus.emit(EventType.SPEECH_START, self.turn_id,
+                                   audio_time_s=round(seg.speech_start_s or 0, 3))
+            if state is not SegmentState.SPEECH:
+                continue
+            if seg.silence_s == 0.0:
+                self._maybe_partial_pass()
+            elif self.speculate and seg.silence_s >= self.policy.probe_silence_s:
+                state = await self._at_pause()
+        self.silence_at_end_s = seg._silence_run_s if seg.speech_end_s is not None else 0.0
+        return endpointer.result()
+
+    def _maybe_partial_pass(self) -> None:
+        """While the person talks: a background pass every ``partial_every_s`` of speech."""
+        seg = self.endpointer.segmenter
+        if self.streaming is None or seg.audio_s - self._partial_at_s < \
+                self.loop.settings.turn.partial_every_s:
+            return
+        if self._partial is not None and not self._partial.done():
+            return
+        if self.probe is not None and not self.probe.task.done():
+            return
+        self._partial_at_s = seg.audio_s
+        self._partial = asyncio.create_task(self.streaming.update(self.endpointer.result().audio))
+
+    async def _at_pause(self) -> SegmentState:
+        seg = self.endpointer.segmenter
+        pause_began = round(seg.audio_s - seg.silence_s, 3)
+        if self.probe is None or self.probe.pause_began_s != pause_began:
+            if self.probe is not None and not self.probe.task.done():
+                if not self.policy.semantic:
+                    return seg.state  # one speculation at a time (see below)
+                self.probe.task.cancel()  # speech resumed: that judgement is moot
+            # without judgement, a new speculation waits for the old one: a cancelled run keeps
+            # whisper's thread busy until it finishes, and the final one would queue behind it
+            self.probe = _Probe(pause_began, asyncio.create_task(
+                self._judge(self.endpointer.result().audio, pause_began)))
+        if not self.policy.semantic:
+            return seg.state
+        if not self.probe.task.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait({self.probe.task})  # audio waits in the queue meanwhile
+        outcome = self.probe.outcome()
+        decision = outcome[1] if outcome is not None else self.policy.decide(None)
+        if seg.silence_s >= decision.silence_needed_s:
+            return seg.end()
+        return seg.state
+
+    async def _judge(self, pcm: bytes, pause_began: float) -> tuple[Transcript, TurnDecision]:
+        """Transcribe the words so far and judge whether they are a whole turn."""
+        if self.streaming is not None:
+            transcript = await self.streaming.update(pcm)
+        else:
+            transcript = await self.loop.stt.transcribe(pcm)
+        if not self.policy.semantic:
+            return transcript, self.policy.decide(None)
+        text = self.loop._without_wake_phrase(transcript.text)
+        probability = None
+        command = bool(text) and self.loop.settings.pipeline.local_commands and \
+            is_instant_command(text)
+        if text and not command:
+            probability = await self._probability(text)
+        decision = self.policy.decide(probability, command=command)
+        self.loop.bus.emit(EventType.END_OF_TURN, self.turn_id, audio_time_s=pause_began,
+                           **decision.as_event())
+        return transcript, decision
+
+    async def _probability(self, text: str) -> float | None:
+        assert isinstance(self.model, EndOfTurnModel)
+        try:
+            if self._context is None:
+                self._context = await self.loop.conversation.voice_context()
+            words = normalize_transcript(text) if self.loop.settings.turn.normalize_text else text
+            return await self.model.end_of_turn_probability(
+                [*self._context, {"role": "user", "content": words}], priority=Priority.VOICE)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("end-of-turn check failed; waiting out the long silence", exc_info=True)
+            return None
+
+    def final_decision(self) -> TurnDecision:
+        seg = self.endpointer.segmenter
+        if seg.hit_max_length:
+            return TurnDecision("max-length", None, 0.0)
+        outcome = self.probe.outcome() if self.probe is not None else None
+        if outcome is not None and self.probe is not None and \
+                self.probe.pause_began_s == round(seg.speech_end_s or -1.0, 3):
+            return outcome[1]
+        return self.policy.decide(None)
+
+    async def final_transcript(self, result: EndpointResult) -> tuple[Transcript, bool]:
+        """The transcript of the whole utterance: the one made at the final pause when there
+        was one (no work left), else the last piece decoded now."""
+        final_pause = round(result.speech_end_s or -1.0, 3)
+        if self.probe is not None and self.probe.pause_began_s == final_pause:
+            with contextlib.suppress(Exception):
+                await asyncio.wait({self.probe.task})
+            outcome = self.probe.outcome()
+            if outcome is not None:
+                return outcome[0], True
+        if self.streaming is not None:
+            return await self.streaming.update(result.audio, final=True), False
+        return await self.loop.stt.transcribe(result.audio), False
+
+    def stt_cost(self) -> dict:
+        if self.streaming is None:
+            return {}
+        return {"passes": self.streaming.passes,
+                "decoded_audio_s": round(self.streaming.decoded_s, 3)}
+
+    def close(self) -> None:
+        for task in (self._partial, self.probe.task if self.probe else None):
+            if task is None:
+                continue
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()  # retrieved: a failed speculation is not an error
 
 
 def _offer(queue: asyncio.Queue, item) -> None:

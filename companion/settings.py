@@ -130,6 +130,42 @@ class VadSettings(_Section):
     )
 
 
+class TurnSettings(_Section):
+    """When an utterance ends: by what was said (the LLM's end-of-turn probability) as well as
+    by silence. ``semantic = false`` goes back to the fixed ``vad.silence_end_s`` window."""
+
+    semantic: bool = Field(
+        True, description="Judge at each pause whether the words so far are a complete turn."
+    )
+    complete_threshold: float = Field(
+        0.05, gt=0.0, lt=1.0, description="End-of-turn probability from which an utterance "
+        "counts as complete (SmolLM2-135M: unfinished sentences score < 0.002, most finished "
+        "questions 0.3-0.9)."
+    )
+    complete_silence_s: float = Field(
+        0.25, ge=0.05, description="Silence that ends a complete utterance."
+    )
+    incomplete_silence_s: float = Field(
+        1.1, ge=0.2, description="Silence that ends an utterance judged incomplete (a pause "
+        "mid-sentence); also the longest silence ever waited."
+    )
+    probe_silence_s: float = Field(
+        0.15, ge=0.03, description="Silence after which the words so far are transcribed and "
+        "judged; a local command ends here."
+    )
+    normalize_text: bool = Field(
+        True, description="Judge the words without their final punctuation (Whisper "
+        "punctuates unfinished sentences too)."
+    )
+    streaming_stt: bool = Field(
+        True, description="Transcribe while the person talks, keeping the stable words, so "
+        "only the last piece is left at the end."
+    )
+    partial_every_s: float = Field(
+        0.8, ge=0.2, description="New speech between two background transcription passes."
+    )
+
+
 class SttSettings(_Section):
     model: str = Field("whisper-tiny.en", description="Model name from models/manifest.toml.")
     compute_type: str = Field("int8", description="CTranslate2 compute type.")
@@ -420,6 +456,7 @@ class CompanionSettings(BaseSettings):
     wake: WakeSettings = WakeSettings()
     vad: VadSettings = VadSettings()
     stt: SttSettings = SttSettings()
+    turn: TurnSettings = TurnSettings()
     llm: LlmSettings = LlmSettings()
     tts: TtsSettings = TtsSettings()
     gpio: GpioSettings = GpioSettings()

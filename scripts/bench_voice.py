@@ -1,15 +1,22 @@
-"""Benchmark the voice loop on the real embedded models and write JSON.
+"""Benchmark the voice loop on the real embedded models: user-perceived silence, per stage.
 
-    .venv/bin/python scripts/bench_voice.py --runs 5 --out bench_voice.json
+    .venv/bin/python scripts/bench_voice.py [--quick] [--repeat 1] [--out bench_voice.json]
 
-Each run plays a WAV ("Hey Jarvis." then a question) into the daemon's own pipeline, paced in
-real time like a microphone, and records per-stage times. The same run then times the bare
-models on the same work (the LLM up to the first sentence's tokens from the same cached persona
-prompt, piper on the same first sentence, whisper on the same utterance when it was on the
-critical path), so `overhead_ratio` = end-of-speech→first-audio ÷ model compute on that path
-compares numbers measured seconds apart on the same machine. Both modes are measured:
-`speculative` (the default: transcription overlaps the silence window) and `sequential`
-(transcription starts after the endpoint, as Home Assistant's Assist does).
+Every question is a WAV ("Hey Jarvis." then the question; some with a 0.7 s pause mid-sentence)
+played into the daemon's own pipeline in real time, like a microphone. The silence the user
+hears is measured from the clip's own end of speech (known from the generated audio) to the
+first sample handed to the speaker, and split per stage (endpoint, transcription, LLM to the
+first sentence, synthesis of it). Three ways, in the same run on the same models:
+
+- ``ours``: the default: transcription while the person talks, semantic end of turn;
+- ``sequential``: a fixed 0.6 s silence window, transcription after the endpoint (as Home
+  Assistant's Assist does), streamed LLM and TTS;
+- ``non_streaming``: the sequential endpoint, then whole transcript → whole reply → whole
+  synthesis → play. Its stages are the bare models timed on the same utterances and prompts
+  right after the sequential run (no playback plumbing, so it flatters the baseline).
+
+Also: transcription after the endpoint ours ÷ sequential (utterances of 3 s or more), word error
+rate both ways, the CPU each mode costs, cut-offs on the pausy clips.
 """
 
 from __future__ import annotations
@@ -18,108 +25,237 @@ import argparse
 import asyncio
 import gc
 import json
+import re
 import statistics
 import sys
 import tempfile
 import time
+import wave
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from companion.app import Features, build_app, tune_process
-from companion.devices.audio import WavFileSink, WavFileSource
+from companion.devices.audio import WavFileSink, WavFileSource, read_wav_16k_mono
 from companion.log import configure_logging
-from companion.models import ModelRegistry
 from companion.settings import PROJECT_ROOT, CompanionSettings
+from companion.stages.sentences import split_sentences
 from scripts.make_utterance_wav import make
 
-QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?",
-             "What is the largest planet?", "Who wrote Romeo and Juliet?",
-             "What colour is the sky?"]
-STAGES = ["wake_s", "endpoint_s", "stt_s", "llm_first_token_s", "llm_first_sentence_s",
-          "tts_first_sentence_s", "end_of_speech_to_first_audio_s", "speech_end_to_first_audio_s"]
+# (what is said; "|" = a 0.7 s pause mid-sentence)
+QUESTIONS = [
+    "What is the capital of France?",
+    "What is the capital of | Germany?",
+    "Tell me three interesting facts about the moon, please.",
+    "How many legs | does an octopus have?",
+    "Can you explain why the sky looks blue during the day?",
+    "Who wrote Romeo and Juliet?",
+]
+QUICK = [0, 1, 2]
+STAGES = ["endpoint_s", "stt_s", "llm_first_sentence_s", "tts_first_audio_s"]
+GAP_S = 7.0  # quiet after each question: the reply is written and played meanwhile
+SPEECH_LEVEL = 400  # |sample| above this is speech when finding the clip's end of speech
+LONG_UTTERANCE_S = 3.0
+
+MODES = {
+    "ours": {},
+    "sequential": {"turn": {"semantic": False, "streaming_stt": False},
+                   "pipeline": {"speculative_stt": False}, "vad": {"silence_end_s": 0.6}},
+}
 
 
-def summarize(values: list[float]) -> dict[str, float]:
-    values = sorted(v for v in values if v is not None)
-    if not values:
+@dataclass
+class Clip:
+    text: str
+    start_s: float  # where the clip starts in the microphone stream
+    speech_start_s: float  # the question's speech, in stream time
+    speech_end_s: float
+
+    @property
+    def reference(self) -> str:
+        return normalize(self.text)
+
+    @property
+    def speech_s(self) -> float:
+        return self.speech_end_s - self.speech_start_s
+
+
+def normalize(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s']", " ", text.replace("|", " ").lower()).split())
+
+
+def summarize(values: list[float | None]) -> dict[str, float]:
+    kept = sorted(v for v in values if v is not None)
+    if not kept:
         return {}
-    return {"median": round(statistics.median(values), 4), "min": round(values[0], 4),
-            "max": round(values[-1], 4), "n": len(values)}
+    return {"median": round(statistics.median(kept), 4), "min": round(kept[0], 4),
+            "max": round(kept[-1], 4), "n": len(kept)}
 
 
-def bare_llm_to_first_sentence(app, messages, n_tokens: int) -> float:
-    """The LLM alone: from the persona's cached prompt state, evaluate the rest of the prompt
-    and generate the first sentence's tokens, greedy, no streaming plumbing."""
-    llama = app.llm._llama
-    tokens, _ = app.llm.prompt_tokens(messages)
-    app.llm._restore_best_prefix(tokens)
-    started = time.perf_counter()
-    for _ in llama.create_chat_completion(messages=messages, stream=True, temperature=0.0,
-                                          max_tokens=max(n_tokens, 1)):
-        pass
-    return time.perf_counter() - started
+def median(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return round(statistics.median(kept), 4) if kept else None
 
 
-def bare_tts(app, sentence: str) -> float:
-    voice = app.conversation.active_persona.voice_config.params()
-    started = time.perf_counter()
-    app.tts._run(sentence, voice)
-    return time.perf_counter() - started
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    import jiwer
+
+    return float(jiwer.wer(reference, normalize(hypothesis) or "<empty>"))
 
 
-def bare_stt(app, pcm: bytes) -> float:
-    import numpy as np
-
-    audio = np.frombuffer(pcm, np.int16).astype(np.float32) / 32768
-    started = time.perf_counter()
-    app.stt._run(audio, "en")
-    return time.perf_counter() - started
+def speech_span(pcm: bytes) -> tuple[float, float]:
+    """Seconds of the first and last sample louder than SPEECH_LEVEL."""
+    loud = np.flatnonzero(np.abs(np.frombuffer(pcm, np.int16).astype(np.int32)) > SPEECH_LEVEL)
+    return float(loud[0]) / 16000, float(loud[-1] + 1) / 16000
 
 
-def recording_transcriber(settings: CompanionSettings, gate):
-    """The real transcriber, keeping the audio of each call (for the bare re-run)."""
-    from companion.stages.stt import FasterWhisperTranscriber
-
-    class Recording(FasterWhisperTranscriber):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self.calls: list[bytes] = []
-
-        async def transcribe(self, pcm: bytes, *, language: str | None = None):
-            self.calls.append(pcm)
-            return await super().transcribe(pcm, language=language)
-
-    return Recording(settings.stt, ModelRegistry(settings.models_dir), gate=gate)
-
-
-def concatenate(wavs: list[Path], out: Path, gap_s: float = 2.5) -> Path:
-    """All questions in one microphone stream, with quiet between them (as in a room)."""
-    import wave
-
-    from companion.devices.audio import read_wav_16k_mono
-
-    pcm = b"".join(read_wav_16k_mono(w) + bytes(2 * int(gap_s * 16000)) for w in wavs)
-    with wave.open(str(out), "wb") as wav:
+def build_microphone(questions: list[str], workdir: Path) -> tuple[Path, list[Clip]]:
+    """All questions in one microphone stream with quiet between them, and where each
+    question's speech starts and ends (measured on the audio itself)."""
+    pcm, clips = b"", []
+    for i, text in enumerate(questions):
+        wake = read_wav_16k_mono(make(workdir / f"w{i}.wav", wake="Hey Jarvis.", text=None,
+                                      gap_s=0.0, tail_s=0.0))
+        question = read_wav_16k_mono(make(workdir / f"q{i}.wav", wake=None, text=text,
+                                          lead_s=0.8))
+        start = len(pcm) / 32000
+        first, last = speech_span(question)
+        offset = start + len(wake) / 32000
+        clips.append(Clip(text, start, offset + first, offset + last))
+        pcm += wake + question + bytes(2 * int(GAP_S * 16000))
+    mic = workdir / "mic.wav"
+    with wave.open(str(mic), "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)
         wav.setframerate(16000)
         wav.writeframes(pcm)
-    return out
+    return mic, clips
 
 
-async def run_mode(settings: CompanionSettings, mic_wav: Path, workdir: Path, mode: str) -> dict:
-    """One daemon pipeline (as on a device), every question through it, then the bare models
-    on the same work, on the same threads the pipeline uses."""
-    source = WavFileSource(mic_wav, realtime=True, block_ms=settings.audio.block_ms)
-    sink = WavFileSink(workdir / f"out-{mode}.wav", realtime=True)
-    stt = recording_transcriber(settings, None)
-    app = build_app(settings, source=source, sink=sink, stt=stt, features=Features(
+class ClockedSource(WavFileSource):
+    """The WAV microphone, remembering when its first block went out: block n (audio up to
+    (n+1)·block) is handed over at first + n·block, so stream time t was said at
+    first + t - block in the pipeline's clock (as a real microphone hands it over at its end)."""
+
+    first_block_at: float | None = None
+
+    async def blocks(self):
+        async for block in super().blocks():
+            if self.first_block_at is None:
+                self.first_block_at = time.monotonic()
+            yield block
+
+    def said_at(self, stream_s: float) -> float:
+        assert self.first_block_at is not None
+        return self.first_block_at + stream_s - self._block / 32000
+
+
+def turn_measurements(events: list, clips: list[Clip], source: ClockedSource) -> list[dict]:
+    """Per question: the stage boundaries (monotonic event times) from its end of speech."""
+    by_turn: dict[str, list] = {}
+    for event in events:
+        if event.turn_id:
+            by_turn.setdefault(event.turn_id, []).append(event)
+    per_clip: dict[int, list[list]] = {}
+    for turn_events in by_turn.values():
+        wake = next((e for e in turn_events if e.type.value == "wake-detected"), None)
+        if wake is None:
+            continue
+        index = max((i for i, c in enumerate(clips) if c.start_s <= wake.data["audio_time_s"]),
+                    default=0)
+        per_clip.setdefault(index, []).append(turn_events)
+    rows = []
+    for index, clip in enumerate(clips):
+        turns = per_clip.get(index, [])
+        row: dict = {"question": clip.text, "speech_s": round(clip.speech_s, 3),
+                     "turns": len(turns)}
+        if turns:
+            row["turn_id"] = turns[0][0].turn_id
+            first = {e.type.value: e for e in reversed(turns[0])}  # earliest of each type
+            said = source.said_at(clip.speech_end_s)
+            ends = [e for e in turns[0] if e.type.value == "speech-end"]
+            stt = first.get("stt-end")
+            sentence = first.get("llm-sentence")
+            play = first.get("playback-start")
+            row["transcript"] = stt.data["text"] if stt else ""
+            row["cut_off"] = len(ends) > 1 or len(turns) > 1 or not row["transcript"] or \
+                normalize(row["transcript"]).split()[-1:] != clip.reference.split()[-1:]
+            row["end_reason"] = ends[0].data.get("end_reason") if ends else None
+            row["end_probability"] = ends[0].data.get("end_probability") if ends else None
+            row["stt_after_endpoint_s"] = stt.data["took_s"] if stt else None
+            row["stt_passes"] = stt.data.get("passes") if stt else None
+            row["stt_decoded_audio_s"] = stt.data.get("decoded_audio_s") if stt else None
+            row["first_sentence"] = sentence.data["text"] if sentence else None
+            if ends and stt and sentence and play:
+                row["stages"] = {
+                    "endpoint_s": round(ends[0].timestamp - said, 4),
+                    "stt_s": round(stt.timestamp - ends[0].timestamp, 4),
+                    "llm_first_sentence_s": round(sentence.timestamp - stt.timestamp, 4),
+                    "tts_first_audio_s": round(play.timestamp - sentence.timestamp, 4),
+                }
+                row["silence_to_first_audio_s"] = round(play.timestamp - said, 4)
+                row["end_of_speech_to_transcript_s"] = round(stt.timestamp - said, 4)
+        rows.append(row)
+    return rows
+
+
+def bare_baseline(app, rows: list[dict], utterances: dict[str, bytes]) -> None:
+    """Whole transcript → whole reply → whole synthesis, the bare models on this run's
+    utterances (on their own threads, one after the other), added to each row."""
+    persona = app.conversation.active_persona
+    voice = persona.voice_config.params()
+    llama = app.llm._llama
+    for row in rows:
+        pcm = utterances.get(row.get("turn_id", ""))
+        if "stages" not in row or pcm is None:
+            continue
+        audio = np.frombuffer(pcm, np.int16).astype(np.float32) / 32768
+        started = time.perf_counter()
+        transcript = app.stt._thread.submit(app.stt._run, audio, "en").result().text
+        stt_s = time.perf_counter() - started
+        messages = [*app.conversation.persona_messages(persona),
+                    {"role": "user", "content": transcript}]
+
+        def whole_reply(messages=messages) -> str:
+            tokens, _ = app.llm.prompt_tokens(messages)
+            app.llm._restore_best_prefix(tokens)
+            out = llama.create_chat_completion(messages=messages, temperature=0.0,
+                                               max_tokens=persona.behavior_config.max_tokens)
+            return out["choices"][0]["message"]["content"] or ""
+
+        started = time.perf_counter()
+        reply = app.llm._thread.submit(whole_reply).result()
+        llm_s = time.perf_counter() - started
+        started = time.perf_counter()
+        for sentence in split_sentences(reply) or [reply]:
+            app.tts._run(sentence, voice)
+        tts_s = time.perf_counter() - started
+        row["non_streaming"] = {
+            "reply_sentences": len(split_sentences(reply)),
+            "stages": {"endpoint_s": row["stages"]["endpoint_s"], "stt_s": round(stt_s, 4),
+                       "llm_first_sentence_s": round(llm_s, 4), "tts_first_audio_s": round(tts_s, 4)},
+        }
+        row["non_streaming"]["silence_to_first_audio_s"] = round(
+            sum(row["non_streaming"]["stages"].values()), 4)
+
+
+async def run_mode(mode: str, mic: Path, clips: list[Clip], workdir: Path) -> dict:
+    overrides = MODES[mode]
+    settings = CompanionSettings(
+        data_dir=workdir / f"data-{mode}", personas={"dir": PROJECT_ROOT / "personas"},
+        gpio={"enabled": False}, pipeline={"follow_up_window_s": 0,
+                                           **overrides.get("pipeline", {})},
+        **{k: v for k, v in overrides.items() if k != "pipeline"})
+    source = ClockedSource(mic, realtime=True, block_ms=settings.audio.block_ms)
+    sink = WavFileSink(workdir / f"out-{mode}.wav")
+    app = build_app(settings, source=source, sink=sink, features=Features(
         audio_devices=False, http=False, control=False, gpio=False, warm_personas=False))
-    stt.gate = app.compute_gate  # as the daemon wires it
-    events = []
+    events: list = []
+    utterances: dict[str, bytes] = {}
 
     def on_event(event) -> None:
         events.append(event)
@@ -127,103 +263,108 @@ async def run_mode(settings: CompanionSettings, mic_wav: Path, workdir: Path, mo
             asyncio.get_running_loop().create_task(app.conversation.new_active_session())
 
     app.bus.add_callback(on_event)
-    load_started = time.perf_counter()
     await app.start()
-    load_s = time.perf_counter() - load_started
     await app.conversation.warm_personas()
     await app.conversation.new_active_session()
-    rss_after_load = psutil.Process().memory_info().rss
+    app.voice.utterance_listeners.append(utterances.__setitem__)
+    process = psutil.Process()
+    cpu_before = sum(process.cpu_times()[:2])
+    wall_before = time.monotonic()
     await app.voice.run()
     await app.voice.wait_idle()
+    cpu_s = sum(process.cpu_times()[:2]) - cpu_before
+    wall_s = time.monotonic() - wall_before
     sink.close()
-    rss_after_turns = psutil.Process().memory_info().rss
-    loop = asyncio.get_running_loop()
-    persona = app.conversation.active_persona
-    runs: list[dict] = []
-    unanswered: list[dict] = []
-    for turn in app.status.recent_turns:
-        mine = [e for e in events if e.turn_id == turn.turn_id]
-        stt_end = next((e for e in mine if e.type.value == "stt-end"), None)
-        first_sentence = next((e.data["text"] for e in mine if e.type.value == "llm-sentence"), None)
-        if stt_end is None or first_sentence is None or turn.end_of_speech_to_first_audio_s is None:
-            unanswered.append({"turn_id": turn.turn_id, "events": [e.type.value for e in mine],
-                               "transcript": stt_end.data["text"] if stt_end else None})
-            continue
-        messages = [*app.conversation.persona_messages(persona),
-                    {"role": "user", "content": stt_end.data["text"]}]
-        n_tokens = app.llm.count_tokens(first_sentence) + 1
-        llm_bare = await loop.run_in_executor(app.llm._thread, bare_llm_to_first_sentence, app,
-                                              messages, n_tokens)
-        tts_bare = await asyncio.to_thread(bare_tts, app, first_sentence)
-        timings = turn.as_dict()
-        if stt_end.data["speculative"]:
-            stt_critical = timings["stt_s"]  # only the part of the transcription not yet done
-        else:
-            audio = stt.calls[len(runs)] if len(stt.calls) > len(runs) else stt.calls[-1]
-            stt_critical = await loop.run_in_executor(stt._thread, bare_stt, app, audio)
-        model_compute = stt_critical + llm_bare + tts_bare
-        e2e = timings["end_of_speech_to_first_audio_s"]
-        runs.append({
-            "transcript": stt_end.data["text"], "first_sentence": first_sentence,
-            "speculative_stt": stt_end.data["speculative"],
-            "timings": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in timings.items()},
-            "bare": {"stt_critical_s": round(stt_critical, 4),
-                     "llm_to_first_sentence_s": round(llm_bare, 4),
-                     "tts_first_sentence_s": round(tts_bare, 4),
-                     "model_compute_s": round(model_compute, 4)},
-            "overhead_ratio": round(e2e / model_compute, 3) if model_compute and e2e else None,
-        })
+    rows = turn_measurements(events, clips, source)
+    if mode == "sequential":
+        await asyncio.to_thread(bare_baseline, app, rows, utterances)
     await app.aclose()
-    return {"load_s": round(load_s, 3), "rss_after_load_mb": round(rss_after_load / 2**20, 1),
-            "rss_after_turns_mb": round(rss_after_turns / 2**20, 1), "runs": runs,
-            "unanswered": unanswered}
+    return {"rows": rows, "cpu_s": round(cpu_s, 2), "wall_s": round(wall_s, 2),
+            "cpu_s_per_audio_minute": round(cpu_s / (source.duration_s / 60), 2)}
 
 
-async def bench(runs: int, workdir: Path) -> dict:
+def waterfall(runs: list[dict]) -> dict:
+    """Median seconds per stage from the end of speech to the first audio."""
+    timed = [r for r in runs if r.get("stages")]
+    out = {stage: median([r["stages"][stage] for r in timed]) for stage in STAGES}
+    out["silence_to_first_audio_s"] = median([r["silence_to_first_audio_s"] for r in timed])
+    return out
+
+
+def report(modes: dict, clips: list[Clip]) -> dict:
+    ours, seq = modes["ours"]["rows"], modes["sequential"]["rows"]
+    long_ones = [i for i, c in enumerate(clips) if c.speech_s >= LONG_UTTERANCE_S]
+    pausy = [i for i, c in enumerate(clips) if "|" in c.text]
+    three = [i for i, r in enumerate(seq) if r.get("non_streaming", {}).get("reply_sentences", 0) >= 3]
+
+    def ratio(a: list[float | None], b: list[float | None]) -> float | None:
+        ma, mb = median(a), median(b)
+        return round(ma / mb, 3) if ma is not None and mb else None
+
+    summary = {
+        "silence_to_first_audio_s": {
+            "ours": summarize([r.get("silence_to_first_audio_s") for r in ours]),
+            "sequential": summarize([r.get("silence_to_first_audio_s") for r in seq]),
+            "non_streaming": summarize([r.get("non_streaming", {}).get("silence_to_first_audio_s")
+                                        for r in seq]),
+        },
+        "waterfall": {"ours": waterfall(ours), "sequential": waterfall(seq),
+                      "non_streaming": waterfall([r.get("non_streaming", {}) for r in seq])},
+        "ours_vs_non_streaming_3plus_sentences": ratio(
+            [ours[i].get("silence_to_first_audio_s") for i in three],
+            [seq[i]["non_streaming"]["silence_to_first_audio_s"] for i in three]),
+        "transcription": {
+            "utterances_3s_plus": len(long_ones),
+            "after_endpoint_ours_vs_sequential": ratio(
+                [ours[i].get("stt_after_endpoint_s") for i in long_ones],
+                [seq[i].get("stt_after_endpoint_s") for i in long_ones]),
+            "end_of_speech_to_transcript_ours_vs_sequential": ratio(
+                [ours[i].get("end_of_speech_to_transcript_s") for i in long_ones],
+                [seq[i].get("end_of_speech_to_transcript_s") for i in long_ones]),
+            "wer_ours": median([word_error_rate(clips[i].reference, r.get("transcript", ""))
+                                for i, r in enumerate(ours) if "transcript" in r]),
+            "wer_sequential": median([word_error_rate(clips[i].reference, r.get("transcript", ""))
+                                      for i, r in enumerate(seq) if "transcript" in r]),
+            "cpu_s_per_audio_minute": {m: modes[m]["cpu_s_per_audio_minute"] for m in modes},
+        },
+        "cut_offs": {m: sum(1 for i in pausy if modes[m]["rows"][i].get("cut_off", True))
+                     for m in modes},
+        "pausy_clips": len(pausy),
+        "unanswered": {m: sum(1 for r in modes[m]["rows"] if "stages" not in r) for m in modes},
+    }
+    return summary
+
+
+async def bench(questions: list[str], workdir: Path) -> dict:
     tune_process()  # as the daemon runs
-    wavs = [await asyncio.to_thread(make, workdir / f"q{i}.wav", wake="Hey Jarvis.", text=q)
-            for i, q in enumerate(QUESTIONS)]
-    mic = concatenate([wavs[i % len(wavs)] for i in range(runs)], workdir / "mic.wav", gap_s=9.0)
-    report: dict = {"machine": {"cpus": psutil.cpu_count(), "python": sys.version.split()[0]},
-                    "questions": runs, "modes": {}}
-    for mode, speculative in (("speculative", True), ("sequential", False)):
-        settings = CompanionSettings(
-            data_dir=workdir / f"data-{mode}", personas={"dir": PROJECT_ROOT / "personas"},
-            gpio={"enabled": False}, pipeline={"follow_up_window_s": 0, "speculative_stt": speculative})
-        result = await run_mode(settings, mic, workdir, mode)
-        ok = result["runs"]
-        report["modes"][mode] = {
-            "stages": {s: summarize([r["timings"][s] for r in ok]) for s in STAGES},
-            "model_compute_on_critical_path_s": summarize([r["bare"]["model_compute_s"] for r in ok]),
-            "stt_on_critical_path_s": summarize([r["bare"]["stt_critical_s"] for r in ok]),
-            "overhead_ratio": summarize([r["overhead_ratio"] for r in ok]),
-            "load_s": result["load_s"],
-            "rss_after_load_mb": result["rss_after_load_mb"],
-            "rss_after_turns_mb": result["rss_after_turns_mb"],
-            "turns_answered": len(ok), "questions": runs, "unanswered": result["unanswered"],
-            "runs": ok,
-        }
+    mic, clips = await asyncio.to_thread(build_microphone, questions, workdir)
+    modes = {}
+    for mode in MODES:
+        modes[mode] = await run_mode(mode, mic, clips, workdir)
         gc.collect()
-    spec = report["modes"]["speculative"]["stages"]["end_of_speech_to_first_audio_s"]
-    seq = report["modes"]["sequential"]["stages"]["end_of_speech_to_first_audio_s"]
-    if spec and seq:
-        report["speculative_vs_sequential_ratio"] = round(spec["median"] / seq["median"], 3)
-    return report
+    return {"machine": {"cpus": psutil.cpu_count(), "python": sys.version.split()[0]},
+            "questions": len(questions), "summary": report(modes, clips),
+            "clips": [{"text": c.text, "speech_s": round(c.speech_s, 3)} for c in clips],
+            "modes": modes}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5, help="questions asked per mode")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="three questions (smoke test)")
+    parser.add_argument("--repeat", type=int, default=1, help="ask every question this often")
+    parser.add_argument("--out", type=Path, help="write the JSON here")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     configure_logging("warning", "console")
+    questions = [QUESTIONS[i] for i in QUICK] if args.quick else QUESTIONS * args.repeat
     with tempfile.TemporaryDirectory(prefix="bench-voice-") as tmp:
-        report = asyncio.run(bench(args.runs, Path(tmp)))
-    text = json.dumps(report, indent=2)
+        result = asyncio.run(bench(questions, Path(tmp)))
     if args.out:
-        args.out.write_text(text)
-    print(text)
+        args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["summary"]))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,7 +3,8 @@
     python scripts/make_utterance_wav.py out.wav --wake "Hey Jarvis." --text "What is the capital of France?"
 
 Speech comes from piper (the embedded joe voice) or espeak-ng (`--engine espeak`), resampled
-to 16 kHz mono 16-bit, with silence around it.
+to 16 kHz mono 16-bit, with silence around it. A `|` in the text is a pause mid-sentence
+(`--pause` seconds): "What is the capital of | Germany?" is said the way people hesitate.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def speak_espeak(text: str) -> bytes:
 
 
 def make(out: Path, *, wake: str | None, text: str | None, engine: str = "piper",
-         lead_s: float = 0.5, gap_s: float = 0.8, tail_s: float = 1.5) -> Path:
+         lead_s: float = 0.5, gap_s: float = 0.8, tail_s: float = 1.5,
+         pause_s: float = 0.7) -> Path:
     synth = None
     if engine == "piper":
         synth = PiperSynthesizer(TtsSettings(), ModelRegistry(PROJECT_ROOT / "models"))
@@ -50,7 +52,8 @@ def make(out: Path, *, wake: str | None, text: str | None, engine: str = "piper"
     if wake:
         pcm += say(wake) + silence(gap_s)
     if text:
-        pcm += say(text)
+        pieces = [p.strip() for p in text.split("|") if p.strip()]
+        pcm += silence(pause_s).join(say(piece) for piece in pieces)
     pcm += silence(tail_s)
     write_wav(out, pcm, RATE)
     return out
@@ -63,8 +66,10 @@ def main() -> None:
     parser.add_argument("--text", default="What is the capital of France?")
     parser.add_argument("--engine", choices=["piper", "espeak"], default="piper")
     parser.add_argument("--gap", type=float, default=0.8, help="seconds between wake word and question")
+    parser.add_argument("--pause", type=float, default=0.7, help="seconds of each | pause")
     args = parser.parse_args()
-    make(args.out, wake=args.wake or None, text=args.text or None, engine=args.engine, gap_s=args.gap)
+    make(args.out, wake=args.wake or None, text=args.text or None, engine=args.engine,
+         gap_s=args.gap, pause_s=args.pause)
     print(args.out)
 
 

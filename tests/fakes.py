@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from companion.stages.llm import ChatMessage, GenerationStats, Priority, SamplingParams
-from companion.stages.stt import Transcript
+from companion.stages.stt import Transcript, Word
 from companion.stages.tts import AudioClip, VoiceParams
 from companion.stages.wake import Detection
 
@@ -159,3 +159,56 @@ class FakeSpeaker:
     @property
     def played_s(self) -> float:
         return sum(c.duration_s for c in self.played)
+
+
+class FakeTurnChatModel(FakeChatModel):
+    """A chat model that also judges end of turn: complete when the words end with one of
+    ``complete_endings``. Records what it judged."""
+
+    def __init__(self, *args, complete_endings: tuple[str, ...] = ("germany", "france"),
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.complete_endings = complete_endings
+        self.judged: list[str] = []
+
+    async def end_of_turn_probability(self, messages: list[ChatMessage], *,
+                                      priority: Priority = Priority.VOICE) -> float:
+        words = messages[-1]["content"]
+        self.judged.append(words)
+        return 0.9 if words.rstrip(" .?!").lower().endswith(self.complete_endings) else 0.02
+
+
+class BlockWordsTranscriber(FakeTranscriber):
+    """Hears one word per ``blocks_per_word`` speech blocks (``speech_block()``), in order, with
+    the times of those blocks in the audio it is given; a prompt of N words means the audio
+    starts at word N. Counts the audio it decoded, like a real model's cost."""
+
+    def __init__(self, words: list[str], *, blocks_per_word: int = 5) -> None:
+        super().__init__(" ".join(words))
+        self.words = words
+        self.blocks_per_word = blocks_per_word
+        self.decoded_s = 0.0
+
+    def _hear(self, pcm: bytes, first_word: int) -> list[Word]:
+        block = len(speech_block())
+        speech = [i for i in range(0, len(pcm) - block + 1, block)
+                  if pcm[i : i + block] == speech_block()]
+        heard = []
+        for k in range(len(speech) // self.blocks_per_word):
+            index = first_word + k
+            if index >= len(self.words):
+                break
+            first, last = speech[k * self.blocks_per_word], speech[(k + 1) * self.blocks_per_word - 1]
+            heard.append(Word(self.words[index], first / 2 / RATE, (last + block) / 2 / RATE))
+        return heard
+
+    async def transcribe(self, pcm: bytes, *, language: str | None = None) -> Transcript:
+        self.received.append(pcm)
+        self.decoded_s += len(pcm) / 2 / RATE
+        return Transcript(" ".join(w.text for w in self._hear(pcm, 0)), "en", len(pcm) / 2 / RATE)
+
+    async def transcribe_words(self, pcm: bytes, *, prompt: str = "",
+                               language: str | None = None) -> list[Word]:
+        self.received.append(pcm)
+        self.decoded_s += len(pcm) / 2 / RATE
+        return self._hear(pcm, len(prompt.split()))

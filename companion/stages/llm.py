@@ -303,6 +303,55 @@ class LlamaCppChatModel:
         # llama.cpp re-evaluates at least the last prompt token to get fresh logits
         return min(best, len(tokens) - 1)
 
+    # --- end of turn: is the user's message finished? ------------------------------------
+
+    async def end_of_turn_probability(self, messages: list[ChatMessage], *,
+                                      priority: Priority = Priority.VOICE) -> float:
+        """How likely the last message (the user's words so far, without final punctuation)
+        ends here: P(next token is the chat template's end-of-message token or a sentence's
+        final punctuation). A small model that was never trained for this rarely ends a
+        message without punctuation, so the punctuation carries the signal: ~0.9 after "What
+        is the capital of Germany", ~0.0001 after "What is the capital of" (SmolLM2-135M).
+        Runs on the model's own thread; the user is waiting, so it goes first (VOICE).
+        Evaluating the user's words here also pre-reads them for the reply's prompt."""
+        del priority  # one thread, first come first served, until the priority queue lands
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._end_of_turn, messages)
+
+    def end_of_turn_tokens(self, messages: list[ChatMessage]) -> tuple[list[int], list[int]]:
+        """The prompt up to (not including) the end-of-message token after the last message,
+        and the ids of the tokens that end it (end of message, ``?``, ``.``, ``!``)."""
+        result = self._prefix_format(messages=list(messages))
+        stops = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
+        marker = stops[0] if stops else self._token_text(self._llama.token_eos())
+        cut = result.prompt.rfind(marker)
+        if cut < 0:
+            raise RuntimeError(f"{self.model_name}: the chat template has no end-of-message token")
+        tokens = self._llama.tokenize(result.prompt[:cut].encode(),
+                                      add_bos=not result.added_special, special=True)
+        marker_tokens = self._llama.tokenize(marker.encode(), add_bos=False, special=True)
+        enders = {marker_tokens[0] if len(marker_tokens) == 1 else self._llama.token_eos()}
+        for mark in ("?", ".", "!"):
+            ids = self._llama.tokenize(mark.encode(), add_bos=False, special=False)
+            if len(ids) == 1:
+                enders.add(ids[0])
+        return tokens, sorted(enders)
+
+    def _end_of_turn(self, messages: list[ChatMessage]) -> float:
+        tokens, enders = self.end_of_turn_tokens(messages)
+        with self._lock:
+            held = self._restore_best_prefix(tokens)
+            if self._llama.n_tokens > held:  # keep the shared prefix, drop the rest
+                self._llama._ctx.kv_cache_seq_rm(-1, held, -1)
+                self._llama.n_tokens = held
+            self._llama.eval(tokens[held:])
+            logits = np.ctypeslib.as_array(self._llama._ctx.get_logits(),
+                                           shape=(self._llama.n_vocab(),))
+            logits = logits.astype(np.float64)
+        logits -= logits.max()
+        weights = np.exp(logits)
+        return float(weights[enders].sum() / weights.sum())
+
     # --- prefix states: the evaluated persona prompt, kept per persona -------------------
 
     async def warm_prefix(self, key: str, messages: list[ChatMessage], *,

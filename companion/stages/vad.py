@@ -80,6 +80,14 @@ class SpeechSegmenter:
             self.speech_end_s = self.audio_s
         return self.state
 
+    def end(self) -> SegmentState:
+        """End the utterance now (the turn detector judged it complete): speech ended where
+        the current silence began. Too little speech is not an utterance: nothing changes."""
+        if self.state is SegmentState.SPEECH and self._speech_total_s >= self.settings.min_speech_s:
+            self.state = SegmentState.ENDED
+            self.speech_end_s = self.audio_s - self._silence_run_s
+        return self.state
+
     @property
     def silence_s(self) -> float:
         """Silence since the last speech inside an utterance (0 when not in speech)."""

@@ -1,0 +1,83 @@
+"""End of turn on the real models: SmolLM2 tells finished questions from unfinished ones, and
+questions with a pause mid-sentence come through whole (piper's voice and espeak-ng's), while
+a complete question ends after a short silence."""
+
+import asyncio
+import wave
+
+import pytest
+
+from companion.devices.audio import read_wav_16k_mono
+from companion.models import ModelRegistry
+from companion.settings import CompanionSettings, TurnSettings
+from companion.stages.llm import LlamaCppChatModel
+from companion.stages.turn import normalize_transcript
+from scripts.make_utterance_wav import make
+from tests.test_simulate_real import companion, read_events
+
+pytestmark = pytest.mark.models
+
+SYSTEM = {"role": "system", "content": "You are a friendly voice assistant. Answer briefly."}
+# as Whisper writes them at a pause: it punctuates the unfinished ones too
+FINISHED = ["What is the capital of Germany?", "How many legs does an octopus have?",
+            "What's the capital of France?", "Tell me three interesting facts about the moon, please."]
+UNFINISHED = ["What is the capital of?", "How many legs?", "Tell me three interesting facts about.",
+              "I want to.", "Can you explain why in the..."]
+CLIPS = ["What is the capital of | Germany?", "How many legs | does an octopus have?",
+         "What is the capital of France?"]
+
+
+def test_the_llm_scores_finished_questions_above_the_threshold_and_unfinished_below():
+    settings = CompanionSettings()
+    llm = LlamaCppChatModel(settings.llm, ModelRegistry(settings.models_dir))
+    threshold = TurnSettings().complete_threshold
+
+    async def score(text: str) -> float:
+        words = normalize_transcript(text)
+        return await llm.end_of_turn_probability([SYSTEM, {"role": "user", "content": words}])
+
+    async def scores(texts: list[str]) -> list[float]:
+        return [await score(t) for t in texts]
+
+    try:
+        finished = asyncio.run(scores(FINISHED))
+        unfinished = asyncio.run(scores(UNFINISHED))
+    finally:
+        llm.close()
+    assert min(finished) >= threshold, list(zip(FINISHED, finished, strict=True))
+    assert max(unfinished) < threshold, list(zip(UNFINISHED, unfinished, strict=True))
+
+
+def microphone(path, engine: str) -> str:
+    """The three clips, each after "Hey Jarvis.", with quiet between them."""
+    pcm = b""
+    for i, text in enumerate(CLIPS):
+        clip = make(path.parent / f"{engine}-{i}.wav", wake="Hey Jarvis.", text=text, engine=engine,
+                    pause_s=0.7)
+        pcm += read_wav_16k_mono(clip) + bytes(2 * 16000)
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16000)
+        wav.writeframes(pcm)
+    return str(path)
+
+
+@pytest.mark.parametrize("engine", ["piper", "espeak"])
+def test_a_pause_mid_sentence_does_not_cut_the_question_and_a_finished_one_ends_soon(tmp_path, engine):
+    events_path = tmp_path / "events.jsonl"
+    result = companion("simulate", "--input", microphone(tmp_path / "mic.wav", engine),
+                       "--output", str(tmp_path / "out.wav"), "--events", str(events_path), "--fast",
+                       env={"COMPANION_PIPELINE__FOLLOW_UP_WINDOW_S": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    events = read_events(events_path)
+    ends = [e for e in events if e["type"] == "speech-end"]
+    texts = [normalize_transcript(e["text"]).lower() for e in events if e["type"] == "stt-end"]
+    assert len(ends) == len(texts) == 3, texts  # one utterance per clip: nothing was split
+    assert "capital" in texts[0] and "germany" in texts[0]
+    assert "legs" in texts[1] and "octopus" in texts[1]
+    assert ends[0]["end_reason"] == ends[1]["end_reason"] == "complete"
+    judged = [e for e in events if e["type"] == "end-of-turn"]
+    assert any(e["end_reason"] == "incomplete" for e in judged)  # the pauses were judged
+    # the finished question ends after a short silence, not the long window
+    assert ends[2]["end_reason"] == "complete" and ends[2]["silence_s"] < 0.5, ends[2]
