@@ -114,6 +114,10 @@ class VoiceLoop:
                 captured_at = getattr(self.source, "last_block_time_s", None)
                 if hold_while_answering:
                     await self._hold()
+                    # ...and while the listener judges a pause: the rest of the file must not
+                    # pile up in (and be dropped with) the turn's queue meanwhile
+                    while self._turn_audio is not None and self._turn_audio.qsize() > 2:  # noqa: ASYNC110  a queue the turn drains
+                        await asyncio.sleep(0.002)
                 self._audio_clock.tick()
                 raw = block
                 if self.echo is not None:

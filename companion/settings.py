@@ -138,9 +138,9 @@ class TurnSettings(_Section):
         True, description="Judge at each pause whether the words so far are a complete turn."
     )
     complete_threshold: float = Field(
-        0.05, gt=0.0, lt=1.0, description="End-of-turn probability from which an utterance "
-        "counts as complete (SmolLM2-135M: unfinished sentences score < 0.002, most finished "
-        "questions 0.3-0.9)."
+        0.02, gt=0.0, lt=1.0, description="End-of-turn probability from which an utterance "
+        "counts as complete (SmolLM2-135M: unfinished sentences score < 0.002, finished ones "
+        "0.02-0.98)."
     )
     complete_silence_s: float = Field(
         0.25, ge=0.05, description="Silence that ends a complete utterance."

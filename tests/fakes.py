@@ -175,7 +175,7 @@ class FakeTurnChatModel(FakeChatModel):
                                       priority: Priority = Priority.VOICE) -> float:
         words = messages[-1]["content"]
         self.judged.append(words)
-        return 0.9 if words.rstrip(" .?!").lower().endswith(self.complete_endings) else 0.02
+        return 0.9 if words.rstrip(" .?!").lower().endswith(self.complete_endings) else 0.001
 
 
 class BlockWordsTranscriber(FakeTranscriber):

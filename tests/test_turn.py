@@ -48,6 +48,7 @@ def test_instant_commands_and_normalized_words():
     assert not is_instant_command("how do I stop snoring")
     assert not is_instant_command("set a timer for five")  # "...minutes" may follow
     assert normalize_transcript("What is the capital of...") == "What is the capital of"
+    assert normalize_transcript("How many legs? Does it have, 2.5?") == "How many legs Does it have, 2.5"
 
 
 def test_two_passes_agree_on_a_prefix_ignoring_case_and_punctuation():

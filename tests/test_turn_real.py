@@ -39,11 +39,8 @@ def test_the_llm_scores_finished_questions_above_the_threshold_and_unfinished_be
     async def scores(texts: list[str]) -> list[float]:
         return [await score(t) for t in texts]
 
-    try:
-        finished = asyncio.run(scores(FINISHED))
-        unfinished = asyncio.run(scores(UNFINISHED))
-    finally:
-        llm.close()
+    finished = asyncio.run(scores(FINISHED))
+    unfinished = asyncio.run(scores(UNFINISHED))
     assert min(finished) >= threshold, list(zip(FINISHED, finished, strict=True))
     assert max(unfinished) < threshold, list(zip(UNFINISHED, unfinished, strict=True))
 

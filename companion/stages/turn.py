@@ -74,14 +74,16 @@ class TurnPolicy:
         return TurnDecision("incomplete", probability, self.settings.incomplete_silence_s)
 
 
-_FINAL_PUNCTUATION = re.compile(r"[\s.?!,;:…\-]+$")
+_SENTENCE_MARKS = re.compile(r"(?<!\d)[.?!…]+|[.?!…]+(?!\d)")  # not the point in 2.5
+_TRAILING = re.compile(r"[\s,;:\-]+$")
 
 
 def normalize_transcript(text: str) -> str:
-    """What the model judges: the words without the final punctuation. Whisper ends almost
-    every piece with a full stop or a question mark, even "What is the capital of?"; whether the
-    model would put one there itself is the signal."""
-    return _FINAL_PUNCTUATION.sub("", text.strip())
+    """What the model judges: the words without sentence marks. Whisper ends almost every piece
+    with a full stop or a question mark, even "What is the capital of?", and keeps the one it
+    put at a pause ("How many legs? Does an octopus have?"); whether the model would end the
+    sentence here itself is the signal."""
+    return _TRAILING.sub("", " ".join(_SENTENCE_MARKS.sub(" ", text).split()))
 
 
 def is_instant_command(text: str) -> bool:
