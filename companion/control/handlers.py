@@ -59,6 +59,8 @@ RUNTIME_SETTINGS = frozenset({
     "pipeline.local_commands", "vad.no_speech_timeout_s", "vad.silence_end_s",
     "tts.sentence_silence_s", "storage.retention_days", "log_level",
     "arbitration.enabled", "arbitration.room", "arbitration.window_ms",
+    "turn.semantic", "turn.complete_threshold", "turn.complete_silence_s",
+    "turn.incomplete_silence_s", "turn.streaming_stt", "turn.partial_every_s",
 })
 
 
