@@ -122,7 +122,7 @@ class App:
         is reported on its component and in /ready."""
         p, s = self.parts, self.settings
         voice = self.features.voice_loop and self.features.llm
-        source = self._microphone(p, s) if voice else None
+        source = await self._microphone(p, s) if voice else None
         loads = [self._load("tts", lambda: p.tts or _real_tts(s, self.registry, self.compute_gate),
                             attr="tts")]
         if self.features.llm:
@@ -169,7 +169,7 @@ class App:
         self.bus.emit(EventType.STATE_CHANGED, state=str(self.status.pipeline_state),
                       previous=str(self.status.pipeline_state))
 
-    def _microphone(self, p: Parts, s: CompanionSettings) -> AudioSource | None:
+    async def _microphone(self, p: Parts, s: CompanionSettings) -> AudioSource | None:
         source = p.source
         if source is None and self.features.audio_devices:
             source = await self._open_audio("audio_in", lambda: _real_source(s))

@@ -43,6 +43,7 @@ from companion.app import Features, build_app, tune_process
 from companion.devices.audio import WavFileSink, WavFileSource, read_wav_16k_mono
 from companion.log import configure_logging
 from companion.settings import PROJECT_ROOT, CompanionSettings
+from companion.stages.llm import Priority
 from companion.stages.sentences import split_sentences
 from scripts.make_utterance_wav import make
 
@@ -228,7 +229,7 @@ def bare_baseline(app, rows: list[dict], utterances: dict[str, bytes]) -> None:
             return out["choices"][0]["message"]["content"] or ""
 
         started = time.perf_counter()
-        reply = app.llm._thread.submit(whole_reply).result()
+        reply = app.llm._submit(Priority.VOICE, whole_reply).result()
         llm_s = time.perf_counter() - started
         started = time.perf_counter()
         for sentence in split_sentences(reply) or [reply]:

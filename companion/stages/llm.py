@@ -314,9 +314,7 @@ class LlamaCppChatModel:
         is the capital of Germany", ~0.0001 after "What is the capital of" (SmolLM2-135M).
         Runs on the model's own thread; the user is waiting, so it goes first (VOICE).
         Evaluating the user's words here also pre-reads them for the reply's prompt."""
-        del priority  # one thread, first come first served, until the priority queue lands
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._end_of_turn, messages)
+        return await self._run(priority, self._end_of_turn, messages)
 
     def end_of_turn_tokens(self, messages: list[ChatMessage]) -> tuple[list[int], list[int]]:
         """The prompt up to (not including) the end-of-message token after the last message,
@@ -339,15 +337,13 @@ class LlamaCppChatModel:
 
     def _end_of_turn(self, messages: list[ChatMessage]) -> float:
         tokens, enders = self.end_of_turn_tokens(messages)
-        with self._lock:
-            held = self._restore_best_prefix(tokens)
-            if self._llama.n_tokens > held:  # keep the shared prefix, drop the rest
-                self._llama._ctx.kv_cache_seq_rm(-1, held, -1)
-                self._llama.n_tokens = held
-            self._llama.eval(tokens[held:])
-            logits = np.ctypeslib.as_array(self._llama._ctx.get_logits(),
-                                           shape=(self._llama.n_vocab(),))
-            logits = logits.astype(np.float64)
+        held = self._restore_best_prefix(tokens)
+        if self._llama.n_tokens > held:  # keep the shared prefix, drop the rest
+            self._llama._ctx.kv_cache_seq_rm(-1, held, -1)
+            self._llama.n_tokens = held
+        self._llama.eval(tokens[held:])
+        logits = np.ctypeslib.as_array(self._llama._ctx.get_logits(),
+                                       shape=(self._llama.n_vocab(),)).astype(np.float64)
         logits -= logits.max()
         weights = np.exp(logits)
         return float(weights[enders].sum() / weights.sum())
