@@ -109,7 +109,7 @@ async def test_sound_devices_are_probed_in_a_thread_once_the_api_listens(
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
-    assert calls.seen == ["_real_sink", "_real_source"] and calls.on_loop == []
+    assert sorted(calls.seen) == ["_real_sink", "_real_source"] and calls.on_loop == []
     assert listening_when_probed == [True, True]
     assert not app.status.components["audio_out"]["healthy"]
     await app.aclose()
