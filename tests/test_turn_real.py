@@ -65,7 +65,8 @@ def test_a_pause_mid_sentence_does_not_cut_the_question_and_a_finished_one_ends_
     events_path = tmp_path / "events.jsonl"
     result = companion("simulate", "--input", microphone(tmp_path / "mic.wav", engine),
                        "--output", str(tmp_path / "out.wav"), "--events", str(events_path), "--fast",
-                       env={"COMPANION_PIPELINE__FOLLOW_UP_WINDOW_S": "0"}, timeout=400)
+                       env={"COMPANION_PIPELINE__FOLLOW_UP_WINDOW_S": "0",
+                            "COMPANION_PIPELINE__TURN_TIMEOUT_S": "300"}, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     events = read_events(events_path)
     ends = [e for e in events if e["type"] == "speech-end"]
