@@ -105,9 +105,23 @@ class SpeechStart(Payload):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class EndOfTurn(Payload):
+    """A pause judged (stages/turn.py): how complete the words so far are, and what follows."""
+
+    audio_time_s: float
+    end_reason: str  # complete, incomplete, command, silence, max-length
+    end_probability: float | None
+    silence_needed_s: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SpeechEnd(Payload):
     audio_time_s: float
     speech_s: float
+    silence_s: float | None = None  # the silence that ended it
+    end_reason: str | None = None  # see EndOfTurn
+    end_probability: float | None = None
+    silence_needed_s: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -126,6 +140,8 @@ class SttEnd(Payload):
     text: str
     took_s: float
     speculative: bool = False
+    passes: int | None = None  # transcription passes while the person talked (streaming)
+    decoded_audio_s: float | None = None  # audio those passes decoded: the CPU it cost
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -283,6 +299,7 @@ PAYLOADS: dict[EventType, type[Payload]] = {
     EventType.TURN_START: TurnStart,
     EventType.LISTEN_START: NoFields,
     EventType.SPEECH_START: SpeechStart,
+    EventType.END_OF_TURN: EndOfTurn,
     EventType.SPEECH_END: SpeechEnd,
     EventType.NO_SPEECH: NoSpeech,
     EventType.STT_START: SttStart,

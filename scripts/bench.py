@@ -133,7 +133,7 @@ def voice_tables(voice: dict) -> list[str]:
     return lines
 
 
-def scalars(result: dict, prefix: str = "", limit: int = 14) -> list[tuple[str, object]]:
+def scalars(result: dict, prefix: str = "", limit: int = 20) -> list[tuple[str, object]]:
     """The first numbers of a result, flattened (for benchmarks without their own table)."""
     found: list[tuple[str, object]] = []
     for key, value in result.items():
