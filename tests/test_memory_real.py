@@ -109,7 +109,8 @@ async def test_the_persona_prefix_is_restored_not_re_read(tmp_path: Path, real_l
                 app.personas.get(persona_id)))
             assert reply.stats.cached_prompt_tokens >= len(prefix), persona_id
             # only the new user message (as the persona words it) and the template around it
-            user_turn = app.personas.get(persona_id).behavior_config.user_turn("What is the capital of France?")
+            behavior = app.personas.get(persona_id).behavior_config
+            user_turn = behavior.user_turn("What is the capital of France?")
             uncached = reply.stats.prompt_tokens - reply.stats.cached_prompt_tokens
             assert uncached <= real_llm.count_tokens(user_turn) + 12, persona_id
         # the restored state answers as a cold evaluation of the whole prompt does (greedy; a

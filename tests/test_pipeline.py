@@ -32,7 +32,9 @@ async def until_seen(events: list[Event], kind: EventType, limit_s: float = 5.0)
     await until(lambda: any(e.type is kind for e in events), limit_s, what=f"{kind} event")
 
 
-async def run_mic(app, limit_s: float = 3.0) -> None:
+async def run_mic(app, limit_s: float = 15.0) -> None:
+    """Pump the fake microphone to its end and wait for the last turn (the bound is generous:
+    a loaded CI machine renders a failing turn's traceback slowly)."""
     async with asyncio.timeout(limit_s):
         await app.voice.run()
         await app.voice.wait_idle()
