@@ -150,6 +150,10 @@ class ClockedSource(WavFileSource):
                 self.first_block_at = time.monotonic()
             yield block
 
+    def stream_time(self, monotonic_s: float) -> float:
+        assert self.first_block_at is not None
+        return monotonic_s - self.first_block_at + self._block / 32000
+
     def said_at(self, stream_s: float) -> float:
         assert self.first_block_at is not None
         return self.first_block_at + stream_s - self._block / 32000
@@ -163,11 +167,11 @@ def turn_measurements(events: list, clips: list[Clip], source: ClockedSource) ->
             by_turn.setdefault(event.turn_id, []).append(event)
     per_clip: dict[int, list[list]] = {}
     for turn_events in by_turn.values():
-        wake = next((e for e in turn_events if e.type.value == "wake-detected"), None)
-        if wake is None:
+        start = next((e for e in turn_events if e.type.value == "turn-start"), None)
+        if start is None:
             continue
-        index = max((i for i, c in enumerate(clips) if c.start_s <= wake.data["audio_time_s"]),
-                    default=0)
+        heard_s = source.stream_time(start.timestamp)  # the wake word's own clock lags the stream
+        index = max((i for i, c in enumerate(clips) if c.start_s <= heard_s), default=0)
         per_clip.setdefault(index, []).append(turn_events)
     rows = []
     for index, clip in enumerate(clips):
