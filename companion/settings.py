@@ -524,5 +524,5 @@ def describe_validation_error(exc: Exception) -> str:
     parts = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(settings)"
-        parts.append(f"{field}: {err['msg']}")
+        parts.append(" ".join(f"{field}: {err['msg']}".split()))  # a value may hold a newline
     return "; ".join(parts)
