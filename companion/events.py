@@ -69,19 +69,22 @@ class Payload:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+payload = dataclass(frozen=True, kw_only=True, slots=True)  # how every payload below is made
+
+
+@payload
 class NoFields(Payload):
     pass
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class WakeDetected(Payload):
     word: str
     score: float
     audio_time_s: float
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class WakeArbitration(Payload):
     won: bool
     winner: str | None
@@ -92,19 +95,19 @@ class WakeArbitration(Payload):
     level_dbfs: float | None
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class TurnStart(Payload):
     trigger: str
     wake_word: str | None = None
     follow_up: bool = False
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class SpeechStart(Payload):
     audio_time_s: float
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class EndOfTurn(Payload):
     """A pause judged (stages/turn.py): how complete the words so far are, and what follows."""
 
@@ -114,7 +117,7 @@ class EndOfTurn(Payload):
     silence_needed_s: float
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class SpeechEnd(Payload):
     audio_time_s: float
     speech_s: float
@@ -124,18 +127,18 @@ class SpeechEnd(Payload):
     silence_needed_s: float | None = None
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class NoSpeech(Payload):
     audio_s: float | None = None
     reason: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class SttStart(Payload):
     audio_s: float
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class SttEnd(Payload):
     text: str
     took_s: float
@@ -144,60 +147,60 @@ class SttEnd(Payload):
     decoded_audio_s: float | None = None  # audio those passes decoded: the CPU it cost
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class Command(Payload):
     command: str
     source: str | None = None  # api, voice, control, button, tool
     text: str | None = None  # what was said, for a voice command
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class LlmStart(Payload):
     persona_id: str
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class Took(Payload):
     took_s: float
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class Text(Payload):
     text: str
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class LlmEnd(Payload):
     text: str
     tokens: int
     took_s: float
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class TtsEnd(Payload):
     text: str
     audio_s: float
     took_s: float
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class PlaybackStart(Payload):
     text: str
     audio_s: float
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class TurnEnd(Payload):
     timings: dict[str, Any]
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class TurnError(Payload):
     code: str  # a stable name (it goes to the fleet), never an exception class name
     message: str
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class ExchangeRecorded(Payload):
     session_id: str
     persona_id: str
@@ -207,42 +210,42 @@ class ExchangeRecorded(Payload):
     tokens: int
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class ReplyInterrupted(Payload):
     session_id: str
     played: str  # the words the user heard; only these are kept in the conversation
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class SelfWakeIgnored(Payload):
     word: str
     score: float
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class StateChanged(Payload):
     state: str
     previous: str
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class Button(Payload):
     button: str
     kind: str
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class MuteChanged(Payload):
     muted: bool
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class VolumeChanged(Payload):
     volume: float
     previous: float | None = None
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class PersonaSwitched(Payload):
     previous: str
     persona_id: str
@@ -251,35 +254,35 @@ class PersonaSwitched(Payload):
     preserve_context: bool
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class Timer(Payload):
     timer_id: str
     seconds: float
     label: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class LedOverride(Payload):
     color: str
     pattern: str
     duration_ms: int
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class AudioDevice(Payload):
     component: str
     healthy: bool
     detail: str = ""
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class ControlLinkChanged(Payload):
     connected: bool
     url: str | None = None
     error: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class LlmFallback(Payload):
     reason: str  # connect | dropped | http | protocol | first_token_timeout | stall | breaker_open
     detail: str
@@ -287,7 +290,7 @@ class LlmFallback(Payload):
     breaker: str
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@payload
 class LlmBackend(Payload):
     state: str  # the remote LLM's circuit breaker: closed | open | half-open
     previous: str | None = None

@@ -53,6 +53,17 @@ def decode(source: Path | bytes) -> tuple[bytes, int]:
     return _to_mono16(raw, width, channels), rate
 
 
+def encode(pcm: bytes, rate: int) -> bytes:
+    """16-bit mono PCM as the bytes of a WAV file."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm)
+    return buffer.getvalue()
+
+
 def _to_mono16(raw: bytes, width: int, channels: int) -> bytes:
     if width == 2:
         samples = np.frombuffer(raw, dtype="<i2").astype(np.float32)

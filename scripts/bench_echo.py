@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ import numpy as np
 
 from companion.devices.echo import EchoCanceller, PlaybackReference
 from companion.room import Room, RoomConfig
+from scripts.bench_report import write_report
 
 RATE = 16000
 BLOCK = 480
@@ -365,11 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging("warning", "console")
     result = asyncio.run(run(args))
-    text = json.dumps(result)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
+    write_report(result, args.out)
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import shutil
@@ -40,6 +39,7 @@ from companion.models import ModelRegistry
 from companion.personas import PersonaLibrary
 from companion.settings import PROJECT_ROOT, CompanionSettings
 from companion.store import Store
+from scripts.bench_report import write_report
 
 LONG_PERSONA = '''id = "care_guide"
 name = "Grace"
@@ -337,11 +337,9 @@ def main(argv: list[str] | None = None) -> int:
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
     repeat = 1 if args.quick else args.repeat
-    report = {"switch_after_start": bench_switch_after_start(repeat)}
-    report.update(asyncio.run(bench(repeat, GROWTH_QUICK if args.quick else GROWTH)))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report))
+    result = {"switch_after_start": bench_switch_after_start(repeat)}
+    result.update(asyncio.run(bench(repeat, GROWTH_QUICK if args.quick else GROWTH)))
+    write_report(result, args.out)
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import platform
 import re
 import statistics
@@ -38,6 +37,7 @@ from companion.app import App, Features, build_app
 from companion.conversation import Reply
 from companion.settings import CompanionSettings
 from companion.stages.sentences import SentenceSplitter
+from scripts.bench_report import write_report
 
 QUIZ = Path(__file__).with_name("quality_quiz.toml")
 HALVES = ("tuned", "held-out")
@@ -220,11 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
-    report = asyncio.run(bench(args))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(_without_answers(report)))
+    result = asyncio.run(bench(args))
+    write_report(result, args.out, summary=_without_answers(result))
     return 0
 
 

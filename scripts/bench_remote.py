@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import platform
 import statistics
 import sys
@@ -38,6 +37,7 @@ from companion.events import Event, EventType
 from companion.settings import CompanionSettings
 from companion.stages.sentences import SentenceSplitter
 from scripts.bench_quality import NO_SERVICES
+from scripts.bench_report import write_report
 from scripts.llama_server import LlamaServer
 
 QUESTIONS = ["What is the capital of France?", "Which animal says moo?",
@@ -176,13 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
-    report = asyncio.run(bench(1, QUESTIONS[:1], args.threads) if args.quick
+    result = asyncio.run(bench(1, QUESTIONS[:1], args.threads) if args.quick
                          else bench(args.runs, QUESTIONS, args.threads))
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(json.dumps(report))
+    write_report(result, args.out)
     return 0
 
 

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +26,12 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from companion import wav
 from companion.app import Features, build_app, tune_process
-from companion.devices.audio import WavFileSink, WavFileSource
+from companion.devices.audio import WavFileSink, WavFileSource, write_wav
 from companion.log import configure_logging
 from companion.settings import PROJECT_ROOT, CompanionSettings
+from scripts.bench_report import write_report
 
 
 def room_noise(seconds: float, path: Path, seed: int = 7) -> Path:
@@ -47,11 +47,7 @@ def room_noise(seconds: float, path: Path, seed: int = 7) -> Path:
     for start in rng.integers(0, max(n - 800, 1), size=int(seconds / 4) + 1):
         knocks[start : start + 800] += 2500 * np.exp(-np.arange(800) / 120) * rng.normal(0, 1, 800)
     pcm = np.clip(brown + hum + knocks, -32768, 32767).astype(np.int16)
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(16000)
-        wav.writeframes(pcm.tobytes())
+    write_wav(path, pcm.tobytes())
     return path
 
 
@@ -70,8 +66,7 @@ def openwakeword_alone(settings: CompanionSettings, path: Path) -> float:
     registry = ModelRegistry(settings.models_dir)
     model = Model(wakeword_models=[str(registry.resolve(w, kind="wake").file)
                                    for w in settings.wake.models], inference_framework="onnx")
-    with wave.open(str(path)) as wav:
-        audio = np.frombuffer(wav.readframes(wav.getnframes()), np.int16)
+    audio = np.frombuffer(wav.decode(path)[0], np.int16)
     before = cpu_s()
     for start in range(0, len(audio) - CHUNK_SAMPLES + 1, CHUNK_SAMPLES):
         model.predict(audio[start : start + CHUNK_SAMPLES])
@@ -130,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("warning", "console")
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         result = asyncio.run(bench(8.0 if args.quick else args.idle_s, Path(tmp)))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+    write_report(result, args.out)
     return 0
 
 

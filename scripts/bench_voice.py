@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import re
 import statistics
 import sys
 import tempfile
 import time
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +38,12 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from companion.app import Features, build_app, tune_process
-from companion.devices.audio import WavFileSink, WavFileSource, read_wav_16k_mono
+from companion.devices.audio import WavFileSink, WavFileSource, read_wav_16k_mono, write_wav
 from companion.log import configure_logging
 from companion.settings import PROJECT_ROOT, CompanionSettings
 from companion.stages.llm import Priority
 from companion.stages.sentences import split_sentences
+from scripts.bench_report import write_report
 from scripts.make_utterance_wav import make
 
 # (what is said; "|" = a 0.7 s pause mid-sentence)
@@ -129,11 +128,7 @@ def build_microphone(questions: list[str], workdir: Path) -> tuple[Path, list[Cl
         clips.append(Clip(text, start, offset + first, offset + last))
         pcm += wake + question + bytes(2 * int(GAP_S * 16000))
     mic = workdir / "mic.wav"
-    with wave.open(str(mic), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(16000)
-        wav.writeframes(pcm)
+    write_wav(mic, pcm)
     return mic, clips
 
 
@@ -365,9 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     questions = [QUESTIONS[i] for i in QUICK] if args.quick else QUESTIONS * args.repeat
     with tempfile.TemporaryDirectory(prefix="bench-voice-") as tmp:
         result = asyncio.run(bench(questions, Path(tmp)))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result["summary"]))
+    write_report(result, args.out, summary=result["summary"])
     return 0
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import signal
 import socket
@@ -55,6 +54,7 @@ from companion.control.client import ControlLink
 from companion.log import configure_logging
 from companion.peers import PeerTransport
 from companion.settings import PROJECT_ROOT, ArbitrationSettings, CompanionSettings, VadSettings
+from scripts.bench_report import write_report
 from tests.fakes import FakeChatModel, FakeSynthesizer
 
 TOKEN = "sim-token"
@@ -407,11 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_devices = min(args.max_devices, 4)  # groups of 2, 3, 4: 2 trials each
     configure_logging("error", "json")
     result = asyncio.run(run(args))
-    text = json.dumps(result)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
+    write_report(result, args.out)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from companion.events import Event, EventType
 from companion.log import configure_logging
 from companion.settings import PROJECT_ROOT, CompanionSettings
 from companion_dev.controlplane import ControlPlane
+from scripts.bench_report import write_report
 from scripts.make_utterance_wav import make
 
 QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?",
@@ -254,10 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("warning", "console")
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         summary = asyncio.run(Soak(minutes, Path(tmp)).run())
-    line = json.dumps(summary)
-    if args.out:
-        args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(line)
+    write_report(summary, args.out)
     return 1 if summary["errors"] else 0
 
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import io
 import ipaddress
 import socket
 import time
-import wave
 from collections.abc import Collection
 from urllib.parse import urlsplit
 
@@ -52,13 +50,7 @@ def wav_bytes_to_clip(data: bytes, *, max_bytes: int = MAX_AUDIO_BYTES) -> Audio
 
 
 def clip_to_wav_b64(clip: AudioClip) -> str:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(clip.sample_rate)
-        out.writeframes(clip.pcm)
-    return base64.b64encode(buffer.getvalue()).decode()
+    return base64.b64encode(wav.encode(clip.pcm, clip.sample_rate)).decode()
 
 
 def origin(url: str) -> str:

@@ -302,11 +302,7 @@ def read_wav_16k_mono(path: Path) -> bytes:
 def write_wav(path: Path, pcm: bytes, rate: int = PIPELINE_RATE) -> None:
     """16-bit mono PCM to a WAV file (its directory made if needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(pcm)
+    path.write_bytes(wav.encode(pcm, rate))
 
 
 class WavFileSource:
