@@ -9,6 +9,9 @@ with ``--quick``, ``--quick``. A benchmark whose script is not there is reported
 Writes into ``--out-dir``: ``bench.json`` (every result and the machine), ``bench.md`` (tables
 to paste into the README) and ``waterfall.png`` (end of speech → first audio, per stage, for
 ours, the sequential pipeline and the non-streaming baseline).
+
+With ``--runs N`` every benchmark runs N times: the report holds every run, and each figure of the
+tables is the median of the N runs with their range (a best run is not a result).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,40 +100,75 @@ def last_json(stdout: str) -> dict:
         return json.loads(stdout.strip().splitlines()[-1])
 
 
-def fmt(value) -> str:
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def combine(runs: list[dict]) -> dict:
+    """Several runs of one benchmark as one result: each number the median of the runs, with
+    ``spread`` holding [min, max] per number path (``summary.waterfall.ours.endpoint_s``)."""
+    spread: dict[str, list[float]] = {}
+
+    def merge(values: list, path: str):
+        if all(_number(v) for v in values):
+            spread[path] = [min(values), max(values)]
+            return round(statistics.median(values), 4)
+        if all(isinstance(v, dict) for v in values):
+            return {key: merge([v[key] for v in values], f"{path}.{key}" if path else key)
+                    for key in values[0] if all(key in v for v in values)}
+        return values[0]
+
+    good = [r for r in runs if "error" not in r and "skipped" not in r]
+    if len(good) < len(runs):
+        return next(r for r in runs if "error" in r or "skipped" in r) | {"runs": runs}
+    result = merge(good, "")
+    return result | {"runs": runs, "spread": spread}
+
+
+def fmt(value, spread: list[float] | None = None) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+        text = f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+        if spread and spread[0] != spread[1]:
+            text += f" ({fmt(float(spread[0]))}–{fmt(float(spread[1]))})"
+        return text
     return str(value)
 
 
 def voice_tables(voice: dict) -> list[str]:
+    spread = voice.get("spread", {})
     summary = voice.get("summary", {})
-    falls = summary.get("waterfall", {})
+
+    def cell(path: str) -> str:
+        """The figure at ``summary.<path>``, with its range over several runs."""
+        value: object = summary
+        for key in path.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        return fmt(value, spread.get(f"summary.{path}"))
+
     lines = ["### End of speech → first audio (user-perceived silence), median seconds", "",
              "| pipeline | " + " | ".join(STAGE_LABELS.values()) + " | total |",
              "|---|" + "---|" * (len(STAGE_LABELS) + 1)]
     for mode, label in MODE_LABELS.items():
-        stages = falls.get(mode, {})
-        lines.append(f"| {label} | " + " | ".join(fmt(stages.get(s)) for s in STAGE_LABELS)
-                     + f" | **{fmt(stages.get('silence_to_first_audio_s'))}** |")
-    stt = summary.get("transcription", {})
-    cpu = stt.get("cpu_s_per_audio_minute", {})
+        lines.append(f"| {label} | " + " | ".join(cell(f"waterfall.{mode}.{s}") for s in STAGE_LABELS)
+                     + f" | **{cell(f'waterfall.{mode}.silence_to_first_audio_s')}** |")
+    cuts = summary.get("cut_offs", {})
     lines += ["", "| voice measure | value |", "|---|---|",
               f"| ours ÷ non-streaming, replies of 3+ sentences | "
-              f"{fmt(summary.get('ours_vs_non_streaming_3plus_sentences'))} |",
+              f"{cell('ours_vs_non_streaming_3plus_sentences')} |",
               f"| transcription after the endpoint, ours ÷ sequential (utterances ≥ 3 s, "
-              f"n={stt.get('utterances_3s_plus')}) | {fmt(stt.get('after_endpoint_ours_vs_sequential'))} |",
+              f"n={cell('transcription.utterances_3s_plus')}) | "
+              f"{cell('transcription.after_endpoint_ours_vs_sequential')} |",
               f"| end of speech → transcript, ours ÷ sequential | "
-              f"{fmt(stt.get('end_of_speech_to_transcript_ours_vs_sequential'))} |",
-              f"| word error rate, ours / sequential | {fmt(stt.get('wer_ours'))} / "
-              f"{fmt(stt.get('wer_sequential'))} |",
-              f"| CPU s per minute of audio, ours / sequential | {fmt(cpu.get('ours'))} / "
-              f"{fmt(cpu.get('sequential'))} |",
+              f"{cell('transcription.end_of_speech_to_transcript_ours_vs_sequential')} |",
+              f"| word error rate, ours / sequential | {cell('transcription.wer_ours')} / "
+              f"{cell('transcription.wer_sequential')} |",
+              f"| CPU s per minute of audio, ours / sequential | "
+              f"{cell('transcription.cpu_s_per_audio_minute.ours')} / "
+              f"{cell('transcription.cpu_s_per_audio_minute.sequential')} |",
               f"| cut-offs on {summary.get('pausy_clips')} clips with a 0.7 s pause, ours / sequential"
-              f" | {summary.get('cut_offs', {}).get('ours')} / "
-              f"{summary.get('cut_offs', {}).get('sequential')} |"]
+              f" | {cuts.get('ours')} / {cuts.get('sequential')} |"]
     return lines
 
 
@@ -137,7 +176,7 @@ def scalars(result: dict, prefix: str = "", limit: int = 20) -> list[tuple[str, 
     """The first numbers of a result, flattened (for benchmarks without their own table)."""
     found: list[tuple[str, object]] = []
     for key, value in result.items():
-        if key in ("machine", "took_s", "runs", "rows", "modes"):
+        if key in ("machine", "took_s", "runs", "rows", "modes", "spread"):
             continue
         if isinstance(value, dict):
             found += scalars(value, f"{prefix}{key}.", limit - len(found))
@@ -148,11 +187,13 @@ def scalars(result: dict, prefix: str = "", limit: int = 20) -> list[tuple[str, 
     return found[:limit]
 
 
-def markdown(results: dict, info: dict, chart: str | None) -> str:
+def markdown(results: dict, info: dict, chart: str | None, runs: int = 1) -> str:
+    how = (f" Each figure is the median of {runs} runs, the range in brackets."
+           if runs > 1 else " One run each.")
     lines = ["# Benchmarks", "",
              f"Produced by `scripts/bench.py` on {info['cpu']} ({info['cores']} cores, "
-             f"{info['memory_gb']} GB, {info['system']}, Python {info['python']}), {info['date']}.",
-             ""]
+             f"{info['memory_gb']} GB, {info['system']}, Python {info['python']}), {info['date']}."
+             + how, ""]
     for name, result in results.items():
         script = BENCHMARKS[name]
         lines.append(f"## {name} (`scripts/{script}`)")
@@ -166,7 +207,8 @@ def markdown(results: dict, info: dict, chart: str | None) -> str:
                 lines += ["", f"![end of speech → first audio]({chart})"]
         else:
             lines += ["| measure | value |", "|---|---|"]
-            lines += [f"| {key} | {fmt(value)} |" for key, value in scalars(result)]
+            spread = result.get("spread", {})
+            lines += [f"| {key} | {fmt(value, spread.get(key))} |" for key, value in scalars(result)]
         lines.append("")
     return "\n".join(lines)
 
@@ -209,23 +251,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "benchmarks",
                         help="where bench.json, bench.md and waterfall.png go")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per benchmark")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="run each benchmark this often; figures are medians with the range")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    if args.runs < 1:
+        parser.error("--runs must be 1 or more")
     names = args.names or list(BENCHMARKS)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     info = machine()
     results = {}
     for name in names:
-        print(f"bench: {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_one(name, args.quick, args.timeout)
+        runs = []
+        for number in range(args.runs):
+            print(f"bench: {name} run {number + 1}/{args.runs} ...", file=sys.stderr, flush=True)
+            runs.append(run_one(name, args.quick, args.timeout))
+        results[name] = runs[0] if args.runs == 1 else combine(runs)
     chart = None
     if "voice" in results and waterfall_png(results["voice"], args.out_dir / "waterfall.png"):
         chart = "waterfall.png"
-    (args.out_dir / "bench.json").write_text(json.dumps({"machine": info, "quick": args.quick,
-                                                         "results": results}, indent=2))
-    (args.out_dir / "bench.md").write_text(markdown(results, info, chart))
+    (args.out_dir / "bench.json").write_text(json.dumps(
+        {"machine": info, "quick": args.quick, "runs": args.runs, "results": results}, indent=2))
+    (args.out_dir / "bench.md").write_text(markdown(results, info, chart, args.runs))
     failed = [n for n, r in results.items() if "error" in r]
     summary = {"out_dir": str(args.out_dir), "ran": [n for n in names if "skipped" not in results[n]],
                "skipped": [n for n in names if "skipped" in results[n]], "failed": failed}

@@ -72,3 +72,24 @@ def test_main_writes_json_markdown_and_chart(monkeypatch, tmp_path, capsys):
     assert (tmp_path / "waterfall.png").exists() and (tmp_path / "bench.md").exists()
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["ran"] == ["voice"] and summary["failed"] == []
+
+
+def test_several_runs_report_the_median_and_the_range():
+    runs = [{"summary": {"x": 1.0, "label": "a"}}, {"summary": {"x": 3.0, "label": "a"}},
+            {"summary": {"x": 2.0, "label": "a"}}]
+    combined = bench.combine(runs)
+    assert combined["summary"]["x"] == 2.0 and combined["summary"]["label"] == "a"
+    assert combined["spread"]["summary.x"] == [1.0, 3.0]
+    assert combined["runs"] == runs
+    assert "2.000 (1.000–3.000)" in bench.fmt(2.0, combined["spread"]["summary.x"])
+
+
+def test_a_failed_run_makes_the_benchmark_failed():
+    combined = bench.combine([{"x": 1.0}, {"error": "exit 1: boom"}])
+    assert combined["error"] == "exit 1: boom" and len(combined["runs"]) == 2
+
+
+def test_runs_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["voice", "--runs", "0"])
+    assert exc.value.code == 2
