@@ -55,6 +55,7 @@ class EventType(StrEnum):
     LED_OVERRIDE = "led-override"
     AUDIO_DEVICE = "audio-device"
     CONTROL_LINK = "control-link"
+    CONTROL_FRAME_REFUSED = "control-frame-refused"  # the server refused a frame: dead-lettered
     LLM_BACKEND = "llm-backend"  # the remote LLM's circuit breaker changed state
 
 
@@ -283,6 +284,14 @@ class ControlLinkChanged(Payload):
 
 
 @payload
+class ControlFrameRefused(Payload):
+    frame_id: str
+    frame_type: str
+    bytes: int
+    reason: str
+
+
+@payload
 class LlmFallback(Payload):
     reason: str  # connect | dropped | http | protocol | first_token_timeout | stall | breaker_open
     detail: str
@@ -332,6 +341,7 @@ PAYLOADS: dict[EventType, type[Payload]] = {
     EventType.LED_OVERRIDE: LedOverride,
     EventType.AUDIO_DEVICE: AudioDevice,
     EventType.CONTROL_LINK: ControlLinkChanged,
+    EventType.CONTROL_FRAME_REFUSED: ControlFrameRefused,
     EventType.LLM_FALLBACK: LlmFallback,
     EventType.LLM_BACKEND: LlmBackend,
 }

@@ -57,6 +57,9 @@ class Metrics:
                                      "wrote because the remote LLM failed.", ["reason"], registry=r)
         self.llm_remote_up = Gauge("companion_llm_remote_up", "1 while the remote LLM's circuit "
                                    "breaker is closed (0 open or half-open).", registry=r)
+        self.control_refused = Counter("companion_control_frames_refused", "Outbox frames the "
+                                       "control plane refused (dead-lettered, not resent).",
+                                       ["reason"], registry=r)
         self.remote_breaker: str | None = None
         self.last_inference_ms: float | None = None
 
@@ -92,6 +95,8 @@ class Metrics:
             self.voice_turns.labels("cancelled").inc()
         elif event.type is EventType.LLM_FALLBACK:
             self.llm_fallbacks.labels(str(event.data.get("reason") or "unknown")).inc()
+        elif event.type is EventType.CONTROL_FRAME_REFUSED:
+            self.control_refused.labels(str(event.data.get("reason"))).inc()
         elif event.type is EventType.LLM_BACKEND:
             self.remote_breaker = str(event.data.get("state"))
             self.llm_remote_up.set(1 if self.remote_breaker == "closed" else 0)

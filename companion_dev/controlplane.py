@@ -86,7 +86,8 @@ CREATE TABLE IF NOT EXISTS commands (
     first_sent_at REAL,
     acked_at REAL,
     ack TEXT,
-    ack_count INTEGER NOT NULL DEFAULT 0
+    ack_count INTEGER NOT NULL DEFAULT 0,
+    refused_at REAL             -- the device closed the link with 1009 on it: never resent
 );
 CREATE INDEX IF NOT EXISTS commands_pending ON commands(device_id, acked_at, seq);
 CREATE TABLE IF NOT EXISTS messages (
@@ -116,6 +117,7 @@ class DeviceConn:
     last_heartbeat: dict[str, Any] | None = None
     last_heartbeat_at: float | None = None
     room: str | None = None  # arbitration.room, from hello, heartbeats and wake claims
+    unacked: dict[str, int] = field(default_factory=dict)  # command id → bytes, sent on this link
 
 
 class ControlPlane:
@@ -139,6 +141,10 @@ class ControlPlane:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        try:  # a state file from before refused_at existed
+            self.db.execute("ALTER TABLE commands ADD COLUMN refused_at REAL")
+        except sqlite3.OperationalError:
+            pass
         self.devices: dict[str, DeviceConn] = {}
         self.connect_log: list[tuple[str, float]] = []  # (device_id, time) of every connection
         self.frame_log: list[tuple[str, str, float]] = []  # (device_id, type, time), memory only
@@ -223,13 +229,19 @@ class ControlPlane:
         self.connect_log.append((device_id, time.time()))
         log.info("device connected", device_id=device_id)
         self._notify()
+        errored = False
         try:
             async for msg in ws:
                 if msg.type is WSMsgType.TEXT:
                     await self._on_frame(conn, msg.data)
                 elif msg.type is WSMsgType.ERROR:
+                    errored = True
+                    log.warning("device link error", device_id=device_id,
+                                error=str(ws.exception()), close_code=ws.close_code)
                     break
         finally:
+            if ws.close_code == 1009 and not errored:  # the device closed: our frame too big
+                self._refused_by_device(conn)
             if self.devices.get(device_id) is conn:
                 del self.devices[device_id]
             log.info("device disconnected", device_id=device_id)
@@ -264,6 +276,7 @@ class ControlPlane:
                 "INSERT OR IGNORE INTO messages(device_id, frame_id, type, frame, received_at) "
                 "VALUES(?,?,?,?,?)", (conn.device_id, frame_id, type_, text, now)).rowcount
             if type_ == ACK and payload.get("command_id"):
+                conn.unacked.pop(str(payload["command_id"]), None)
                 self.db.execute(
                     "UPDATE commands SET ack_count = ack_count + ?, acked_at = COALESCE(acked_at, ?),"
                     " ack = COALESCE(ack, ?) WHERE id = ?",
@@ -312,15 +325,29 @@ class ControlPlane:
             "session": export.get("session"), "from_device_id": from_device,
             "notify_user": bool(export.get("notify_user", True))})
 
+    def _refused_by_device(self, conn: DeviceConn) -> None:
+        """The device closed with 1009 (message too big): the largest command it had not acked
+        is the one it could not take. Resending it on the next hello would loop for ever (close,
+        reconnect, resend), so it is marked refused and never sent again."""
+        if not conn.unacked:
+            return
+        command_id = max(conn.unacked, key=conn.unacked.__getitem__)
+        size = conn.unacked.pop(command_id)
+        self.db.execute("UPDATE commands SET refused_at = ? WHERE id = ?", (time.time(), command_id))
+        log.error("the device refused a command as too big; it will not be resent",
+                  device_id=conn.device_id, command_id=command_id, bytes=size)
+
     async def _resend_pending(self, conn: DeviceConn) -> None:
         rows = self.db.execute("SELECT id, frame FROM commands WHERE device_id = ? AND acked_at IS "
-                               "NULL ORDER BY seq", (conn.device_id,)).fetchall()
+                               "NULL AND refused_at IS NULL ORDER BY seq",
+                               (conn.device_id,)).fetchall()
         for row in rows:
             await self._transmit(conn, row["id"], row["frame"])
         if rows:
             log.info("resent unacked commands", device_id=conn.device_id, count=len(rows))
 
     async def _transmit(self, conn: DeviceConn, command_id: str, text: str) -> bool:
+        conn.unacked[command_id] = len(text)
         try:
             await conn.ws.send_str(text)
         except (ConnectionError, RuntimeError):
@@ -408,7 +435,7 @@ class ControlPlane:
         conn = self.devices.get(device_id)
         row = self.db.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
         pending = self.db.execute("SELECT COUNT(*) FROM commands WHERE device_id = ? AND acked_at "
-                                  "IS NULL", (device_id,)).fetchone()[0]
+                                  "IS NULL AND refused_at IS NULL", (device_id,)).fetchone()[0]
         hello = conn.hello if conn and conn.hello else (json.loads(row["hello"]) if row and
                                                         row["hello"] else None)
         return {"device_id": device_id, "connected": conn is not None,
@@ -555,7 +582,7 @@ def _command_row(row: sqlite3.Row) -> dict[str, Any]:
             "frame": json.loads(row["frame"]), "created_at": row["created_at"],
             "sent_count": row["sent_count"], "first_sent_at": row["first_sent_at"],
             "acked_at": row["acked_at"], "ack": json.loads(row["ack"]) if row["ack"] else None,
-            "ack_count": row["ack_count"]}
+            "ack_count": row["ack_count"], "refused_at": row["refused_at"]}
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
+from websockets.frames import CloseCode
 
 from companion.actions.core import ActionError, Outcome
 from companion.control.handlers import CONCURRENT_TYPES, CommandHandlers
@@ -81,6 +82,7 @@ class LinkStatus:
     connections: int = 0  # successful connections since start
     outbox_depth: int = 0
     outbox_dropped: int = 0
+    dead_letters: int = 0  # frames the server refused (closed with 1009), set aside, not resent
     clock_offset_ms: float | None = None  # server clock minus device clock
     rtt_ms: float | None = None
     last_error: str | None = None
@@ -168,6 +170,7 @@ class ControlLink:
         self._ws: ClientConnection | None = None
         self._tls: dict[str, Any] = {}  # {"ssl": context} for wss:// (made in run, off the loop)
         self._got_frame = False
+        self._unconfirmed: dict[str, tuple[int, int]] = {}  # frame id → (seq, bytes), this link
         self.executed: list[str] = []  # command ids run by this process, in order (diagnostics)
         app.control = self
         # subscribe now: what happens before run() is scheduled is kept too
@@ -255,6 +258,8 @@ class ControlLink:
                     log.exception("control link session failed")
                 finally:
                     await self._closed(ws)
+                if _server_refused_a_frame(ws):
+                    await self._dead_letter_refused()
                 if good:
                     self.backoff.reset(dropped=True)
                     self.status.retries = 0
@@ -274,6 +279,7 @@ class ControlLink:
         """One connection, until it closes. True when it was a good one (resets the backoff)."""
         self._ws = ws
         self._got_frame = False
+        self._unconfirmed.clear()
         receipts = (ws.response is not None
                     and ws.response.headers.get(RECEIPTS_HEADER, "") == "1")
         started = time.monotonic()
@@ -330,6 +336,7 @@ class ControlLink:
                 await self._outbox_changed.wait()
                 continue
             for item in batch:
+                self._unconfirmed[item.frame_id] = (item.seq, len(item.text))
                 await ws.send(item.text)
                 last_seq = item.seq
             if not receipts:
@@ -337,7 +344,28 @@ class ControlLink:
                 async with asyncio.timeout(30):
                     await pong
                 await self.app.store.run(self.outbox.remove_upto, last_seq)
+                self._unconfirmed.clear()
                 self._sync_depth()
+
+    async def _dead_letter_refused(self) -> None:
+        """The server closed the link with 1009 (message too big): one of the frames it had not
+        confirmed is too big for it, and resending it would loop for ever (close, reconnect,
+        resend). Set the largest aside; if it was another, the next 1009 takes that one."""
+        if not self._unconfirmed:
+            return
+        frame_id = max(self._unconfirmed, key=lambda f: self._unconfirmed[f][1])
+        size = self._unconfirmed.pop(frame_id)[1]
+        reason = "too_big"
+        dead = await self.app.store.run(self.outbox.dead_letter, frame_id, reason)
+        self._unconfirmed.clear()
+        if dead is None:
+            return
+        self.status.dead_letters += 1
+        self._sync_depth()
+        log.error("the control plane refused a frame (closed 1009, too big); set aside in "
+                  "control_dead_letters, not resent", frame_id=frame_id, type=dead.type, bytes=size)
+        self.app.bus.emit(EventType.CONTROL_FRAME_REFUSED, frame_id=frame_id, frame_type=dead.type,
+                          bytes=size, reason=reason)
 
     async def _heartbeats(self, ws: ClientConnection) -> None:
         while True:
@@ -389,6 +417,8 @@ class ControlLink:
             if best is not None:
                 self.status.rtt_ms = round(best[0] * 1000, 2)
                 self.status.clock_offset_ms = round(best[1] * 1000, 2)
+        for frame_id in ids:
+            self._unconfirmed.pop(frame_id, None)
         await self.app.store.run(self.outbox.remove, ids)
         self._sync_depth()
 
@@ -586,6 +616,14 @@ async def _child(work: Awaitable[T]) -> T:
         if task.cancelled() and me is not None and not me.cancelling():
             raise _Interrupted() from None
         raise
+
+
+def _server_refused_a_frame(ws: ClientConnection) -> bool:
+    """The server (not this device) closed the link with 1009: a frame we sent was too big."""
+    protocol = ws.protocol
+    rcvd = protocol.close_rcvd
+    return (rcvd is not None and rcvd.code == CloseCode.MESSAGE_TOO_BIG
+            and bool(protocol.close_rcvd_then_sent))
 
 
 def _auth_header(cp: ControlPlaneSettings) -> dict[str, str]:

@@ -47,6 +47,14 @@ CREATE TABLE IF NOT EXISTS control_commands (
 );
 CREATE INDEX IF NOT EXISTS control_commands_done ON control_commands(done_seq);
 CREATE TABLE IF NOT EXISTS control_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS control_dead_letters (
+    frame_id TEXT PRIMARY KEY,
+    type TEXT NOT NULL,
+    frame TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    dead_at REAL NOT NULL
+);
 """
 
 KEEP_COMMANDS = 20_000  # processed command ids remembered for duplicate detection
@@ -151,6 +159,32 @@ class Outbox:
             lambda conn: conn.execute("DELETE FROM control_outbox WHERE seq <= ?", (seq,)).rowcount)
         self.depth = max(0, self.depth - removed)
         return removed
+
+    def dead_letter(self, frame_id: str, reason: str) -> Pending | None:
+        """The server refused this frame (it closed the link with 1009, too big): move it out of
+        the outbox into ``control_dead_letters`` so it is not resent for ever. None if gone."""
+
+        def work(conn: sqlite3.Connection) -> Pending | None:
+            row = conn.execute("SELECT seq, frame_id, type, frame, created_at FROM control_outbox "
+                               "WHERE frame_id = ?", (frame_id,)).fetchone()
+            if row is None:
+                return None
+            conn.execute("INSERT OR REPLACE INTO control_dead_letters(frame_id, type, frame, "
+                         "reason, created_at, dead_at) VALUES(?,?,?,?,?,?)",
+                         (row["frame_id"], row["type"], row["frame"], reason, row["created_at"],
+                          time.time()))
+            conn.execute("DELETE FROM control_outbox WHERE seq = ?", (row["seq"],))
+            return Pending(row["seq"], row["frame_id"], row["type"], row["frame"])
+
+        dead = self.store.transaction(work)
+        if dead is not None:
+            self.depth = max(0, self.depth - 1)
+        return dead
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.store.query(
+            "SELECT frame_id, type, reason, dead_at, length(frame) AS bytes "
+            "FROM control_dead_letters ORDER BY dead_at")]
 
     # --- processed commands -----------------------------------------------------------------------
 
