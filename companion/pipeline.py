@@ -408,8 +408,7 @@ class VoiceLoop:
             return not self.source_ended.is_set() and self._follow_up_window_s(persona) > 0
         if self.intent_handler is not None and self.settings.pipeline.local_commands:
             action = await self.intent_handler(text, turn_id)
-            if action is not None:
-                self.bus.emit(EventType.COMMAND, turn_id, command=action.name, text=text)
+            if action is not None:  # the action registry emitted COMMAND if one ran
                 if action.speak:
                     await self._speak_text(action.speak, turn_id, timings)
                 return action.expect_reply and self._follow_up_window_s(persona) > 0

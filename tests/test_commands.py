@@ -204,7 +204,9 @@ async def test_voice_turn_runs_local_commands_without_the_llm(settings, said, ch
         await app.voice.run()
         await app.voice.wait_idle()
     assert app.llm.prompts == []  # the LLM was never asked
-    assert any(e.type is EventType.COMMAND and e.data.get("command") == check for e in events)
+    commands = [e.data for e in events if e.type is EventType.COMMAND]
+    # one command, one event (the registry's; the pipeline once emitted a second one)
+    assert [(c["command"], c["source"], c["text"]) for c in commands] == [(check, "voice", said)]
     spoken = " ".join(t for t, _ in app.tts.spoken)
     if check == "timer":
         assert "Timer set for 5 minutes." in spoken
@@ -233,6 +235,7 @@ async def test_a_voice_mute_asks_first_and_mutes_after_yes_in_the_follow_up(sett
     mic = FakeMic([BLOCK] * 5 + [wake_block()] + [speech_block()] * 20 + [BLOCK] * 40
                   + [speech_block()] * 20 + [BLOCK] * 60, delay_s=0.002)
     app = fake_app(settings, source=mic, stt=ScriptedTranscriber("Mute yourself.", "Yes."))
+    events = collect(app, EventType.COMMAND)
     async with asyncio.timeout(10):
         await app.start()
         await app.voice.run()
@@ -240,4 +243,6 @@ async def test_a_voice_mute_asks_first_and_mutes_after_yes_in_the_follow_up(sett
     spoken = [t for t, _ in app.tts.spoken]
     assert spoken[:2] == ["Do you want me to turn off the microphone?", "Microphone off."]
     assert app.status.muted and app.llm.prompts == []
+    # the question ran nothing; the yes ran the command once
+    assert [(e.data["command"], e.data["text"]) for e in events] == [("mute", "Yes.")]
     await app.aclose()

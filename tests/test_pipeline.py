@@ -170,7 +170,7 @@ async def test_local_command_skips_the_llm(tmp_path):
     events = collect(app)
     await app.start()
     await run_mic(app)
-    assert EventType.COMMAND in types(events)
+    assert EventType.STT_END in types(events)
     assert EventType.LLM_START not in types(events)
     assert llm.prompts == []
     assert app.tts.spoken[-1][0] == "Stopping."

@@ -93,6 +93,7 @@ class Context:
     # the control plane's outbox, for actions that send a frame (a session handoff)
     deliver: Callable[[dict[str, Any]], Awaitable[None]] | None = None
     trusted_caller: bool = False  # an operator's endpoint (POST /v1/personas/switch)
+    text: str | None = None  # what was said, for a voice command (in the COMMAND event)
 
     @property
     def trusted(self) -> bool:
@@ -186,8 +187,9 @@ class ActionRegistry:
                                   {"persona_id": persona.id,
                                    "allowed_commands": persona.behavior_config.allowed_commands})
         log.info("action", action=name, source=context.source, turn_id=context.turn_id)
+        # the one COMMAND event of a command, whatever the channel (voice included)
         self.app.bus.emit(EventType.COMMAND, context.turn_id, command=name,
-                          source=context.source)
+                          source=context.source, text=context.text)
         return await action.handler(self.app, request, context)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:

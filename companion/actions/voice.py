@@ -45,7 +45,7 @@ class VoiceCommands:
         pending, self.pending = self.pending, None
         if pending is not None and self.clock() - pending.asked_at <= APPROVAL_TTL_S:
             if is_yes(text):
-                return await self._run(pending.command, pending.args, turn_id)
+                return await self._run(pending.command, pending.args, turn_id, text)
             if is_no(text):
                 return LocalAction(speak="Okay, I won't.", name=pending.command)
         intent = parse(text, self.app.personas)
@@ -60,12 +60,13 @@ class VoiceCommands:
             log.info("local command awaits approval", command=intent.command, turn_id=turn_id)
             return LocalAction(speak=f"Do you want me to {what}?", name=intent.command,
                                expect_reply=True)
-        return await self._run(intent.command, intent.args, turn_id)
+        return await self._run(intent.command, intent.args, turn_id, text)
 
-    async def _run(self, command: str, args: dict[str, Any], turn_id: str) -> LocalAction | None:
+    async def _run(self, command: str, args: dict[str, Any], turn_id: str,
+                   text: str) -> LocalAction | None:
         try:
             outcome = await self.app.actions.run(
-                command, args, context=Context("voice", turn_id=turn_id))
+                command, args, context=Context("voice", turn_id=turn_id, text=text))
         except ActionError as exc:
             log.info("local command refused", command=command, code=exc.code, turn_id=turn_id)
             if exc.code == "FORBIDDEN":
