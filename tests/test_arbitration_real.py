@@ -6,7 +6,6 @@ multicast on loopback."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import wave
 from pathlib import Path
@@ -15,9 +14,9 @@ import numpy as np
 import pytest
 
 from scripts.make_utterance_wav import make
+from tests.processes import Fleet, http, until
 from tests.pulse import private_pulseaudio
 from tests.test_arbitration import free_udp_port
-from tests.test_control_daemon import TOKEN, Fleet, free_port, http, until
 
 pytestmark = [pytest.mark.models, pytest.mark.audio]
 
@@ -49,16 +48,7 @@ def room_clip(source: Path, out: Path) -> Path:
 
 
 def log_events(fleet: Fleet, device: str, event: str) -> list[dict]:
-    lines = (fleet.tmp / f"{device}.log").read_text(errors="replace").splitlines()
-    found = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("event") == event:
-            found.append(record)
-    return found
+    return fleet.log(device, event)
 
 
 def play(env: dict[str, str], clip: Path) -> None:
@@ -157,17 +147,11 @@ def _one_answers(fleet: Fleet, env: dict[str, str], clip: Path, turns: int) -> s
 
 
 def _start(fleet: Fleet, name: str, env: dict[str, str], udp_port: int) -> None:
-    port = fleet.api_ports.setdefault(name, free_port())
-    fleet._spawn(name, ["-m", "companion", "run"], {
+    fleet.start_daemon(name, env={
         **env, "PULSE_SOURCE": f"{name}_mic", "PULSE_SINK": "vspeaker",
-        "COMPANION_DEVICE_ID": name, "COMPANION_DATA_DIR": str(fleet.tmp / name),
-        "COMPANION_API__PORT": str(port), "COMPANION_GPIO__ENABLED": "false",
-        "COMPANION_LOG_FORMAT": "json", "COMPANION_AUDIO__INPUT_DEVICE": "pulse",
+        "COMPANION_AUDIO__INPUT_DEVICE": "pulse",
         "COMPANION_AUDIO__OUTPUT_DEVICE": "pulse", "COMPANION_API__RATE_LIMIT_PER_MINUTE": "100000",
         "COMPANION_PIPELINE__FOLLOW_UP_WINDOW_S": "0",
-        "COMPANION_CONTROL_PLANE__URL": f"ws://127.0.0.1:{fleet.plane_port}",
-        "COMPANION_CONTROL_PLANE__TOKEN": TOKEN, "COMPANION_CONTROL_PLANE__HEARTBEAT_S": "1",
-        "COMPANION_CONTROL_PLANE__BACKOFF_INITIAL_S": "0.05",
         "COMPANION_CONTROL_PLANE__BACKOFF_MAX_S": "0.5",
         "COMPANION_ARBITRATION__ROOM": "living", "COMPANION_ARBITRATION__PEER": "true",
         "COMPANION_ARBITRATION__SECRET": "test-group-secret-0123",
@@ -176,9 +160,7 @@ def _start(fleet: Fleet, name: str, env: dict[str, str], udp_port: int) -> None:
 
 
 def _messages(fleet: Fleet, device: str, type_: str) -> list[dict]:
-    status, result = http("GET", f"{fleet.plane}/devices/{device}/messages?type={type_}",
-                          timeout=10)
-    return result["messages"] if status == 200 else []
+    return fleet.messages(device, type_)
 
 
 def _state(fleet: Fleet, device: str) -> str | None:

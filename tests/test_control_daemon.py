@@ -6,131 +6,15 @@ control plane and of a daemon lose nothing and run nothing twice."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import sqlite3
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import until_blocking
+from tests.processes import Fleet, http, outbox_rows, until
 
 pytestmark = pytest.mark.models
-
-TOKEN = "fleet-token"
-ADMIN = "fleet-admin"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(method: str, url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, Any]:
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN}"}
-    request = urllib.request.Request(url, method=method, headers=headers,
-                                     data=json.dumps(body).encode() if body is not None else None)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
-
-
-# the daemons answer HTTP only once they are up: a refused connection means "not yet"
-until = partial(until_blocking, every_s=0.1, ignore=(OSError,))
-
-
-class Fleet:
-    """The control plane and the daemons of one test, as subprocesses."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.plane_port = free_port()
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.api_ports: dict[str, int] = {}
-
-    @property
-    def plane(self) -> str:
-        return f"http://127.0.0.1:{self.plane_port}"
-
-    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        log = (self.tmp / f"{name}.log").open("a")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, *args], env={**os.environ, **env}, cwd=self.tmp, stdout=log,
-            stderr=subprocess.STDOUT)
-
-    def start_plane(self) -> None:
-        self._spawn("plane", ["-m", "companion_dev.controlplane", "serve", "--port",
-                              str(self.plane_port), "--token", TOKEN, "--admin-token", ADMIN, "--state",
-                              str(self.tmp / "plane.db"), "--heartbeat", "2"], {})
-        until(lambda: http("GET", f"{self.plane}/health", timeout=2)[0] == 200, 20, "the plane")
-
-    def start_daemon(self, device_id: str) -> None:
-        port = self.api_ports.setdefault(device_id, free_port())
-        self._spawn(device_id, ["-m", "companion", "run"], {
-            "COMPANION_DEVICE_ID": device_id, "COMPANION_DATA_DIR": str(self.tmp / device_id),
-            "COMPANION_API__PORT": str(port), "COMPANION_GPIO__ENABLED": "false",
-            "COMPANION_LOG_FORMAT": "json",
-            "COMPANION_CONTROL_PLANE__URL": f"ws://127.0.0.1:{self.plane_port}",
-            "COMPANION_CONTROL_PLANE__TOKEN": TOKEN, "COMPANION_CONTROL_PLANE__HEARTBEAT_S": "1",
-            "COMPANION_CONTROL_PLANE__BACKOFF_INITIAL_S": "0.05",
-            "COMPANION_CONTROL_PLANE__BACKOFF_MAX_S": "0.5",
-            "COMPANION_CONTROL_PLANE__RECONNECT_SPREAD_S": "0.3"})
-
-    def kill(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        self.procs.clear()
-
-    def connected(self, device_id: str) -> bool:
-        status, info = http("GET", f"{self.plane}/devices/{device_id}", timeout=2)
-        return status == 200 and info["connected"] and info["hello"] is not None
-
-    def api(self, device_id: str) -> str:
-        return f"http://127.0.0.1:{self.api_ports[device_id]}"
-
-    def ready(self, device_id: str) -> bool:
-        return http("GET", f"{self.api(device_id)}/ready", timeout=2)[0] == 200
-
-    def command(self, device_id: str, type_: str, payload: dict, wait: float = 60) -> dict:
-        status, result = http("POST", f"{self.plane}/devices/{device_id}/commands?wait={wait}",
-                              {"type": type_, "payload": payload}, timeout=wait + 10)
-        assert status == 200, result
-        return result["ack"]
-
-    def send(self, device_id: str, type_: str, payload: dict) -> str:
-        return http("POST", f"{self.plane}/devices/{device_id}/commands",
-                    {"type": type_, "payload": payload}, timeout=10)[1]["id"]
-
-    def acks(self, device_id: str) -> list[dict]:
-        _, result = http("GET", f"{self.plane}/devices/{device_id}/messages?type=ack", timeout=10)
-        return [m["payload"] for m in result["messages"]]
-
-    def original_acks(self, device_id: str, command_id: str) -> list[dict]:
-        return [a for a in self.acks(device_id)
-                if a["command_id"] == command_id and not a.get("duplicate")]
 
 
 @pytest.fixture
@@ -140,14 +24,6 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         yield fleet
     finally:
         fleet.stop_all()
-
-
-def outbox_rows(db: Path) -> list[str]:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-        try:
-            return [r[0] for r in conn.execute("SELECT frame FROM control_outbox ORDER BY seq")]
-        except sqlite3.OperationalError:
-            return []
 
 
 def test_real_daemons_commands_handoff_and_kills(fleet: Fleet):
