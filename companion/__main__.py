@@ -16,6 +16,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -132,12 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-async def cmd_run(settings: CompanionSettings, args: argparse.Namespace) -> int:
+async def cmd_run(settings: CompanionSettings, args: argparse.Namespace | None = None,
+                  **parts: Any) -> int:
+    """The daemon. ``parts`` replace real components (build_app's keywords): only a test's
+    daemon process passes any (tests/reliability/daemon.py)."""
     if settings.api.unprotected:
         print(f"companion: {settings.api.unprotected}; refusing to serve an open API",
               file=sys.stderr)
         return EXIT_CONFIG
-    app = build_app(settings)
+    app = build_app(settings, **parts)
     task = asyncio.current_task()
     assert task is not None
     install_signal_handlers(app, task)
