@@ -119,13 +119,12 @@ class VoiceLoop:
                     while self._turn_audio is not None and self._turn_audio.qsize() > 2:  # noqa: ASYNC110  a queue the turn drains
                         await asyncio.sleep(0.002)
                 self._audio_clock.tick()
-                raw = block
+                wake_block = block
                 if self.echo is not None:
-                    block = await self.echo.process(block, captured_at)
-                # a fresh AEC3 suppresses the user along with the echo while both talk: until
-                # it has converged, the wake word listens to the raw microphone
-                unconverged = self.echo is not None and not self.echo.converged
-                await self._route(block, raw if unconverged else block)
+                    # AEC3's residual suppressor takes the user's voice out with the echo
+                    # while both talk: the wake word hears the linear canceller's output
+                    block, wake_block = await self.echo.process(block, captured_at)
+                await self._route(block, wake_block)
         finally:
             self.source_ended.set()
             if self._turn_audio is not None:
@@ -163,7 +162,7 @@ class VoiceLoop:
         if self.status.pipeline_state is PipelineState.THINKING:
             # between end of speech and first audio every core goes to STT/LLM/TTS; the wake
             # detector catches up on this audio as soon as the reply starts playing
-            self._wake_backlog.append(block)
+            self._wake_backlog.append(block if wake_block is None else wake_block)
             return
         while self._wake_backlog:
             if await self._detect_wake(self._wake_backlog.popleft()):

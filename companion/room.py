@@ -170,6 +170,27 @@ def make_noise(config: RoomConfig, rng: np.random.Generator,
     return pcm / rms
 
 
+class BlockConvolver:
+    """Streaming linear convolution, one block at a time (FFT overlap-add): the echo of each
+    played block rings on into the next ones. A direct convolution of a 0.3 s response per
+    30 ms block cost 0.2 of a core, which made an hour of simulated speech take hours."""
+
+    def __init__(self, ir: np.ndarray, block: int) -> None:
+        self.block = block
+        self._size = 1 << (block + len(ir) - 2).bit_length()
+        self._ir = np.fft.rfft(ir, self._size)
+        self._tail = np.zeros(self._size)  # what earlier blocks still add to the coming ones
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        """The next ``block`` output samples, ``x`` (``block`` samples) being the next input."""
+        if x.any():
+            self._tail += np.fft.irfft(np.fft.rfft(x, self._size) * self._ir, self._size)
+        out = self._tail[: self.block].copy()
+        self._tail[: -self.block] = self._tail[self.block:]
+        self._tail[-self.block:] = 0.0
+        return out
+
+
 # --- the room -------------------------------------------------------------------------------
 
 
@@ -202,7 +223,7 @@ class Room:
         self.speaker = RoomSpeaker(self)
         self.samples = 0  # the clock: microphone samples produced so far
         self.linger: Callable[[], bool] = lambda: False  # keep the mic on after the WAV ends
-        self.played = np.zeros(0)  # history of what was played, for the convolution tail
+        self._echo = BlockConvolver(self.echo_ir, self.block)
         self._record = record
         self._tap: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.duration_s = len(self.user) / PIPELINE_RATE
@@ -220,11 +241,7 @@ class Room:
         played = self.speaker.consume(n)
         if self.speaker.reference is not None:  # the echo canceller's far end, on this clock
             self.speaker.reference.write(start / PIPELINE_RATE, played)
-        history = np.concatenate([self.played, played])
-        taps = len(self.echo_ir)
-        self.played = history[-(taps + n):]
-        echo = np.convolve(self.played, self.echo_ir)[len(self.played) - n: len(self.played)]
-        echo *= self.echo_gain
+        echo = self._echo.push(played) * self.echo_gain
         user = self.user[start:start + n]
         user = np.pad(user, (0, n - len(user)))
         mic = user + echo

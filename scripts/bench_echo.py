@@ -31,12 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from companion.devices.echo import EchoCanceller, PlaybackReference
+from companion.devices.echo import Cleaned, EchoCanceller, PlaybackReference
 from companion.room import Room, RoomConfig
 from scripts.bench_report import write_report
 
 RATE = 16000
 BLOCK = 480
+BARGE_ECHO_DB = 6.0
 REPLY = ["The capital of France is Paris.",
          "It is famous for the Eiffel Tower, its museums and its cafes.",
          "Many people visit it every year, especially in the spring.",
@@ -57,28 +58,33 @@ def db(x: np.ndarray) -> float:
 
 
 async def run_room(room: Room, *, aec: bool, ns: bool = False, detector=None,
-                   on_detect=None) -> dict:
+                   on_detect=None, wake_hears: str = "wake") -> dict:
     """Play what is queued on the room's speaker, block by block; the canceller (and the wake
-    detector) see what a daemon would. Returns mic, cleaned, detections (room seconds)."""
+    detector) see what a daemon would: the wake word the linear canceller's output
+    (``wake_hears="wake"``, as the daemon does) or AEC3's (``"block"``). Returns mic, cleaned,
+    the wake stream and detections (room seconds)."""
     room.speaker.reference = PlaybackReference()
     canceller = (EchoCanceller(room.speaker.reference, echo_cancellation=aec, noise_suppression=ns)
                  if aec or ns else None)
-    mic, out, hits, wall = [], [], [], []
+    mic, out, wake, hits, wall = [], [], [], [], []
     mic_source = room.source()
     async for block in mic_source.blocks():
-        cleaned = block
+        cleaned = Cleaned(block, block)
         if canceller is not None:
             started = time.perf_counter()
-            cleaned = canceller.process(block, mic_source.last_block_time_s)
+            cleaned = canceller.split(block, mic_source.last_block_time_s)
             wall.append(time.perf_counter() - started)
         mic.append(np.frombuffer(block, np.int16))
-        out.append(np.frombuffer(cleaned, np.int16))
-        if detector is not None and await detector.process(cleaned) is not None:
+        out.append(np.frombuffer(cleaned.block, np.int16))
+        wake.append(np.frombuffer(cleaned.wake, np.int16))
+        heard = getattr(cleaned, wake_hears)
+        if detector is not None and await detector.process(heard) is not None:
             hits.append(room.now_s)
             if on_detect is not None:
                 on_detect(room)
     return {"mic": np.concatenate(mic).astype(np.float64),
-            "out": np.concatenate(out).astype(np.float64), "hits": hits,
+            "out": np.concatenate(out).astype(np.float64),
+            "wake": np.concatenate(wake).astype(np.float64), "hits": hits,
             "canceller": canceller, "block_wall_s": wall}
 
 
@@ -95,7 +101,7 @@ def user_track(total_s: float, parts: list[tuple[float, np.ndarray]]) -> bytes:
 
 async def bench_erle(speak, seeds: list[int]) -> dict:
     reply = np.concatenate([speak(t, 1.0) for t in REPLY])
-    erles, rtfs, walls = [], [], []
+    erles, linear, rtfs, walls = [], [], [], []
     for seed in seeds:
         room = Room(RoomConfig(echo_db=6.0, seed=seed), user_track(len(reply) / RATE + 1, []),
                     realtime=False)
@@ -106,6 +112,7 @@ async def bench_erle(speak, seeds: list[int]) -> dict:
         played = np.abs(np.pad(reply, (0, max(0, len(r["mic"]) - len(reply))))[: len(r["mic"])])
         active &= played > 300
         erles.append(db(r["mic"][active]) - db(r["out"][active]))
+        linear.append(db(r["mic"][active]) - db(r["wake"][active]))
         stats = r["canceller"].stats
         rtfs.append(stats.process_s / (len(r["mic"]) / RATE))
         walls.extend(r["block_wall_s"])
@@ -117,6 +124,7 @@ async def bench_erle(speak, seeds: list[int]) -> dict:
     lag = _best_lag(r["mic"], r["out"], max_lag=RATE // 10)
     return {"echo_db": 6.0, "rt60_s": 0.3, "seeds": seeds,
             "erle_db": _summary(erles), "erle_db_each": [round(e, 1) for e in erles],
+            "linear_erle_db": _summary(linear),
             "rtf_one_core": _summary(rtfs, 4),
             "block_wall_ms": _summary([w * 1000 for w in walls], 3),
             "added_delay_ms": round(lag / RATE * 1000, 2),
@@ -142,10 +150,13 @@ async def bench_wake_over_reply(speak, trials: int, levels: list[float]) -> dict
     reply = np.concatenate([speak(t, 1.0) for t in REPLY[:2]])
     warm = np.concatenate([speak(REPLY[2], 1.0), np.zeros(RATE // 2)])
     out: dict = {"trials": trials, "method": "the canceller first hears one other reply (a device "
-                 "that has spoken before); the word starts 0.3..2.5 s into the next one"}
+                 "that has spoken before); the word starts 0.3..2.5 s into the next one; "
+                 "aec_on: the detector hears the linear canceller (as the daemon does), "
+                 "aec3_output: AEC3's suppressed output (for comparison)"}
     for level in levels:
         result = {}
-        for aec in (False, True):
+        for name, aec, hears in (("aec_off", False, "wake"), ("aec_on", True, "wake"),
+                                 ("aec3_output", True, "block")):
             hits = 0
             for i in range(trials):
                 at = len(warm) / RATE + 0.3 + 2.2 * i / max(1, trials - 1)
@@ -154,10 +165,10 @@ async def bench_wake_over_reply(speak, trials: int, levels: list[float]) -> dict
                             user_track(total, [(at, wake)]), realtime=False)
                 room.speaker.enqueue(np.concatenate([warm, reply]))
                 detector = OpenWakeWordDetector(s.wake, registry)
-                r = await run_room(room, aec=aec, detector=detector)
+                r = await run_room(room, aec=aec, detector=detector, wake_hears=hears)
                 end = at + len(wake) / RATE
                 hits += any(at < h <= end + 1.0 for h in r["hits"])
-            result["aec_on" if aec else "aec_off"] = hits
+            result[name] = hits
         out[f"echo_{level:+g}_db"] = result
     out["target"] = ">= 9 of 10 at +6 dB with AEC on"
     return out
@@ -234,7 +245,7 @@ def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
 
 async def bench_barge_in(trials: int) -> dict:
     """The whole daemon (real models) in a room: a reply spoken, the user's wake word over it
-    (echo -6 dB: see wake_over_reply for louder), detection → playback stopped."""
+    (echo +6 dB), detection → playback stopped."""
     from companion.__main__ import piper_speaker
     from companion.app import Features, build_app
     from companion.events import EventType
@@ -245,7 +256,8 @@ async def bench_barge_in(trials: int) -> dict:
     wall, audio = [], []
     for i in range(trials):
         at = 1.5 + 0.4 * i
-        room = Room(RoomConfig(echo_db=-6.0, seed=300 + i), user_track(at + 3.0, [(at, wake)]),
+        room = Room(RoomConfig(echo_db=BARGE_ECHO_DB, seed=300 + i),
+                    user_track(at + 3.0, [(at, wake)]),
                     realtime=False)
         app = build_app(s.model_copy(update={"data_dir": Path(f"/tmp/bench-echo-{i}")}),
                         source=room.source(), sink=room.speaker,
@@ -278,7 +290,7 @@ async def bench_barge_in(trials: int) -> dict:
         if detected and room.speaker.stopped_at is not None:
             wall.append((room.speaker.stopped_at - detected[0]) * 1000)
             audio.append((room.speaker.played_s - (at + len(wake) / RATE)) * 1000)
-    return {"trials": trials, "detected": len(wall), "echo_db": -6.0,
+    return {"trials": trials, "detected": len(wall), "echo_db": BARGE_ECHO_DB,
             "detection_to_playback_stopped_ms": _summary(wall, 2),
             "end_of_word_to_playback_stopped_audio_ms": _summary(audio, 1)}
 
@@ -314,7 +326,8 @@ async def plot_barge_in(speak, path: Path) -> dict:
     t = np.arange(n) * BLOCK / RATE
     fig, ax = plt.subplots(figsize=(9, 3.5), dpi=100)
     ax.plot(t, level(r["mic"]), label="microphone (user + echo +6 dB)", lw=1)
-    ax.plot(t, level(r["out"]), label="cleaned (AEC3)", lw=1)
+    ax.plot(t, level(r["out"]), label="cleaned (AEC3: speech recognition)", lw=1)
+    ax.plot(t, level(r["wake"]), label="linear canceller (the wake word's input)", lw=1, alpha=0.8)
     ax.axvspan(at, at + len(wake) / RATE, color="green", alpha=0.15, label="user: 'Hey Jarvis'")
     if stopped:
         ax.axvline(stopped[0], color="red", ls="--", label="wake word detected: playback stopped")

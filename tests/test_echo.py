@@ -54,6 +54,45 @@ def test_aec_takes_the_echo_out_after_convergence() -> None:
     assert erle >= 20
 
 
+def _double_talk(echo_db: float, user_at_s: float) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The device talks for 4 s (echo ``echo_db`` over the user); the user talks 1 s from
+    ``user_at_s``. Returns the room's components and both cleaned streams."""
+    user = np.zeros(int(4 * RATE))
+    start = int(user_at_s * RATE)
+    user[start:start + RATE] = np.frombuffer(speechlike(1.0, 9), np.int16)
+    room = Room(RoomConfig(echo_db=echo_db, rt60=0.2, delay_ms=30, seed=4),
+                user.astype(np.int16).tobytes(), realtime=False, record=True)
+    room.speaker.reference = PlaybackReference()
+    room.speaker.enqueue(np.frombuffer(speechlike(4.0, 1), np.int16))
+    canceller = EchoCanceller(room.speaker.reference)
+    blocks, wake = [], []
+    while not room.finished:
+        at = room.now_s
+        cleaned = canceller.split(room.next_block(), at)
+        blocks.append(np.frombuffer(cleaned.block, np.int16))
+        wake.append(np.frombuffer(cleaned.wake, np.int16))
+    return (room.components(), np.concatenate(blocks).astype(float),
+            np.concatenate(wake).astype(float))
+
+
+def test_the_wake_stream_keeps_the_user_while_the_device_talks() -> None:
+    """AEC3's residual suppressor takes the user out with the echo during double talk; the
+    linear canceller's output (what the wake word hears) keeps the user well above the echo
+    left in it, and takes the echo out alone."""
+    parts, _aec3, wake = _double_talk(6.0, 2.5)
+    word = slice(int(2.5 * RATE), int(3.5 * RATE))
+    echo_only = slice(int(1.5 * RATE), int(2.5 * RATE))
+    mic = parts["user"] + parts["echo"]
+    level = lambda x: 10 * np.log10((x**2).mean() + 1e-9)  # noqa: E731
+    assert level(mic[echo_only]) - level(wake[echo_only]) >= 15  # the echo goes
+    left = wake[word] - parts["user"][word]  # what is not the user: the echo left, distortion
+    assert level(parts["user"][word]) - level(left) >= 10  # user over what is left: was -6 dB
+
+
+def test_linear_frame_fits_the_block() -> None:
+    assert [echo_mod.linear_frame(n) for n in (480, 320, 160, 1600, 400)] == [480, 320, 160, 400, 400]
+
+
 def test_resolve_mode_falls_back_with_a_warning(caplog) -> None:
     assert resolve_mode("off", system_source="ec", webrtc_error=None)[0] == "off"
     assert resolve_mode("auto", system_source="echo-cancel-source", webrtc_error=None)[0] == "system"
@@ -69,7 +108,7 @@ def test_missing_package_means_no_canceller_not_a_crash(monkeypatch) -> None:
     control = EchoControl("auto", PlaybackReference(), probe_system=lambda: None)
     assert control.mode == "off" and control.canceller is None
     block = tone_speech(0.03)
-    assert asyncio.run(control.process(block, 0.0)) == block
+    assert asyncio.run(control.process(block, 0.0)) == (block, block)
     control.close()
 
 

@@ -36,7 +36,7 @@ def test_wake_word_over_the_reply_cuts_it_and_starts_a_new_turn(tmp_path):
     write_wav(wav, first + bytes(2 * int(0.9 * 16000)) + second)
     events_path = tmp_path / "events.jsonl"
     result = companion("simulate", "--input", str(wav), "--output", str(tmp_path / "out.wav"),
-                       "--events", str(events_path), "--fast", "--room-echo-db", "-6",
+                       "--events", str(events_path), "--fast", "--room-echo-db", "6",
                        "--room-seed", "3", timeout=420)  # a loaded CI machine warms personas slowly
     assert result.returncode == 0, result.stderr[-2000:]
     events = events_of(events_path)

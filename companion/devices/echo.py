@@ -17,9 +17,12 @@ import shutil
 import subprocess
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import structlog
+
+from companion.devices.echo_linear import LinearEchoFilter
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +85,7 @@ class EchoStats:
     far_active_s: float = 0.0
     mic_energy: float = 0.0  # while the far end was active
     out_energy: float = 0.0
+    wake_energy: float = 0.0  # of the linear filter's output (the wake word's stream)
     process_s: float = 0.0  # CPU time spent cancelling
 
     @property
@@ -90,9 +94,25 @@ class EchoStats:
             return None
         return float(10 * np.log10(self.mic_energy / self.out_energy))
 
+    @property
+    def wake_erle_db(self) -> float | None:
+        if self.mic_energy <= 0 or self.wake_energy <= 0:
+            return None
+        return float(10 * np.log10(self.mic_energy / self.wake_energy))
+
+
+class Cleaned(NamedTuple):
+    """One microphone block, cleaned twice: ``block`` by AEC3 (echo and residual suppressed:
+    for VAD and speech recognition), ``wake`` by the linear filter alone (the echo taken out,
+    the user's voice kept while the device talks: for the wake word)."""
+
+    block: bytes
+    wake: bytes
+
 
 class EchoCanceller:
-    """AEC3 (and optionally WebRTC's noise suppressor) over 16 kHz microphone blocks.
+    """AEC3 (and optionally WebRTC's noise suppressor) over 16 kHz microphone blocks, and
+    beside it the linear filter whose output the wake word detector hears.
 
     Not thread-safe (nor is the WebRTC processor): call it from one thread."""
 
@@ -107,13 +127,19 @@ class EchoCanceller:
                                    noise_suppression=noise_suppression, ns_level=ns_level,
                                    high_pass_filter=echo_cancellation or noise_suppression,
                                    stream_delay_ms=0)
+        self._linear: LinearEchoFilter | None = None  # made for the first block's length
         self.stats = EchoStats()
         self._recent: list[tuple[float, float]] = []  # (mic, out) energy of recent far-active blocks
         self.converged = False
 
     def process(self, block: bytes, captured_at_s: float | None) -> bytes:
-        """The block without the device's voice. ``captured_at_s`` is the block's start on the
-        reference's clock; None (a source without timing) cancels against silence."""
+        """The block without the device's voice (AEC3's output)."""
+        return self.split(block, captured_at_s).block
+
+    def split(self, block: bytes, captured_at_s: float | None) -> Cleaned:
+        """The block cleaned for speech recognition and for the wake word. ``captured_at_s`` is
+        the block's start on the reference's clock; None (a source without timing) cancels
+        against silence."""
         import time
 
         started = time.thread_time()
@@ -126,20 +152,29 @@ class EchoCanceller:
         out = near.copy()
         if n:
             out[:n] = self._apm.process(near[:n], far[:n] if self.echo_cancellation else None)
-        self._account(near, out, far)
+        wake = out
+        if self.echo_cancellation and len(near):
+            if self._linear is None:
+                self._linear = LinearEchoFilter(frame=linear_frame(len(near)))
+            linear = self._linear.process(near.astype(np.float64), far.astype(np.float64))
+            wake = np.clip(np.round(linear), -32768, 32767).astype(np.int16)
+        self._account(near, out, far, wake)
         self.stats.process_s += time.thread_time() - started
         self.stats.blocks += 1
-        return out.tobytes()
+        return Cleaned(out.tobytes(), wake.tobytes())
 
-    def _account(self, near: np.ndarray, out: np.ndarray, far: np.ndarray) -> None:
+    def _account(self, near: np.ndarray, out: np.ndarray, far: np.ndarray,
+                 wake: np.ndarray) -> None:
         """ERLE while the device speaks; convergence once the filter has had enough of it."""
         far_power = float((far.astype(np.float64) ** 2).mean())
         if far_power < 1e4:  # ~-50 dBFS: the speaker is quiet
             return
-        mic, cleaned = (float((x.astype(np.float64) ** 2).mean()) for x in (near, out))
+        mic, cleaned, linear = (float((x.astype(np.float64) ** 2).mean())
+                                for x in (near, out, wake))
         self.stats.far_active_s += len(near) / RATE
         self.stats.mic_energy += mic
         self.stats.out_energy += cleaned
+        self.stats.wake_energy += linear
         self._recent = [*self._recent, (mic, cleaned)][-50:]
         if not self.converged and self.stats.far_active_s >= CONVERGE_FAR_S:
             m, o = (sum(v) for v in zip(*self._recent, strict=True))
@@ -149,8 +184,17 @@ class EchoCanceller:
 
     def reset(self) -> None:
         self._apm.reset()
+        if self._linear is not None:
+            self._linear.reset()
         self.converged = False
         self._recent.clear()
+
+
+def linear_frame(block: int) -> int:
+    """The linear filter's frame for microphone blocks of ``block`` samples: the whole block
+    up to 30 ms (fewer, larger FFTs: a third of the cost of 10 ms frames, measured, for the
+    same convergence), else its largest divisor that is not longer."""
+    return next(f for f in range(min(block, 480), 0, -1) if block % f == 0)
 
 
 def webrtc_available() -> str | None:
@@ -241,13 +285,15 @@ class EchoControl:
             return True
         return self.canceller is not None and self.canceller.converged
 
-    async def process(self, block: bytes, captured_at_s: float | None) -> bytes:
+    async def process(self, block: bytes, captured_at_s: float | None) -> Cleaned:
+        """The block for speech recognition and the one for the wake word (the same block when
+        nothing, or the sound server, cancels)."""
         if self.canceller is None:
-            return block
+            return Cleaned(block, block)
         import asyncio
 
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.canceller.process, block,
+        return await loop.run_in_executor(self._executor, self.canceller.split, block,
                                           captured_at_s)
 
     async def watch(self, period_s: float = 5.0) -> None:
