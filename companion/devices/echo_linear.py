@@ -115,6 +115,8 @@ class LinearEchoFilter:
             self.adoptions += 1
         elif back > DIVERGED_RATIO * fore:
             self._weights[0] = self._weights[1]
+        if fore > mic:  # the echo path moved: a stale filter would add echo, not remove it
+            self._weights[1] = 0.0
 
     def reset(self) -> None:
         self.__init__(frame=self.frame, tail_s=self._tail_s, step=self._step)
