@@ -48,6 +48,7 @@ log = structlog.get_logger(__name__)
 
 GIL_SWITCH_INTERVAL_S = 0.0005
 HOUSEKEEPING_EVERY_S = 3600.0
+STORAGE_PROBE_S = 2.0  # while the disk refuses writes: how often to try one
 
 
 @dataclass
@@ -112,6 +113,7 @@ class App:
         self.buttons: Buttons | None = None
         self.http_addresses: list[Any] = []  # where the HTTP API listens, once it does
         self._tasks: list[asyncio.Task] = []
+        self._storage_probe: asyncio.Task | None = None
         self._closed = False
 
     # --- start-up ---------------------------------------------------------------------------------
@@ -164,6 +166,9 @@ class App:
             )
             self.voice.echo = self._echo_control(s)
         self.status.set_component("storage", True, str(self.store.path))
+        loop = asyncio.get_running_loop()
+        self.store.on_problem = lambda problem: loop.call_soon_threadsafe(
+            self._storage_changed, problem)
         self.bus.add_callback(self._after_turn)
         self.ready.set()
         self.bus.emit(EventType.STATE_CHANGED, state=str(self.status.pipeline_state),
@@ -315,6 +320,25 @@ class App:
         self.voice.arbiter = arbiter
         self.arbiter = arbiter
 
+    def _storage_changed(self, problem: str | None) -> None:
+        """The disk refused a write (full, read-only) or takes them again: the storage
+        component, the LED (error at rest) and the log say so; while it refuses, a small write
+        is tried every few seconds so the device recovers by itself when space returns."""
+        self.status.set_component("storage", problem is None, problem or str(self.store.path))
+        self.status.set_fault("storage", problem)
+        if problem is None:
+            log.info("storage writable again", path=str(self.store.path))
+            return
+        log.error("storage failing: replies are not kept until it is fixed", problem=problem)
+        if self._storage_probe is None or self._storage_probe.done():
+            self._storage_probe = asyncio.create_task(self._probe_storage(), name="storage-probe")
+
+    async def _probe_storage(self) -> None:
+        while True:
+            await asyncio.sleep(STORAGE_PROBE_S)
+            if await self.store.run(self.store.probe):
+                return
+
     def _after_turn(self, event) -> None:
         if event.type in (EventType.TURN_END, EventType.TURN_ERROR, EventType.EXCHANGE_RECORDED):
             task = asyncio.get_running_loop().run_in_executor(None, release_free_memory)
@@ -377,6 +401,9 @@ class App:
         if self.voice is not None:  # turns live outside the TaskGroup: stop them first
             self.voice.barge_in()
             await self.voice.wait_idle()
+        if self._storage_probe is not None:
+            self._storage_probe.cancel()
+            await asyncio.gather(self._storage_probe, return_exceptions=True)
         await self.timers.aclose()
         await self.actions.aclose()  # background speech
         if hasattr(self, "conversation"):

@@ -48,10 +48,13 @@ class DeviceStatus:
     last_activity: float | None = None
     recent_turns: deque[TurnTimings] = field(default_factory=lambda: deque(maxlen=200))
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    faults: dict[str, str] = field(default_factory=dict)  # component → what is wrong (LED: error)
 
     def set_state(self, state: PipelineState, turn_id: str | None = None) -> None:
         if self.muted and state is PipelineState.IDLE:
-            state = PipelineState.MUTED
+            state = PipelineState.MUTED  # the microphone's state first: that is privacy
+        elif self.faults and state is PipelineState.IDLE:
+            state = PipelineState.ERROR  # at rest, a fault shows until it is gone
         if state is self.pipeline_state:
             return
         previous, self.pipeline_state = self.pipeline_state, state
@@ -62,6 +65,16 @@ class DeviceStatus:
     def set_component(self, name: str, healthy: bool, detail: str = "",
                       latency_ms: float | None = None) -> None:
         self.components[name] = {"healthy": healthy, "detail": detail, "latency_ms": latency_ms}
+
+    def set_fault(self, name: str, problem: str | None) -> None:
+        """A component that keeps the device from working as it should (``problem``), or
+        that works again (None): shown at rest as the error state, cleared by itself."""
+        if problem is None:
+            self.faults.pop(name, None)
+        else:
+            self.faults[name] = problem
+        if self.pipeline_state in (PipelineState.IDLE, PipelineState.ERROR):
+            self.set_state(PipelineState.IDLE)
 
     @property
     def uptime_s(self) -> float:

@@ -9,13 +9,15 @@ the async wrappers run them in a worker thread so the event loop never waits on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -82,6 +84,25 @@ class Session:
     messages: list[Message] = field(default_factory=list)
 
 
+class StorageError(sqlite3.OperationalError):
+    """The disk refused a write (full, read-only, failing): nothing was written. The daemon
+    keeps running, shows the fault (storage component, LED) and goes on when writes work."""
+
+
+# SQLite's messages for a disk that refuses writes, and what to tell the user
+_DISK_FAULTS = {"database or disk is full": "the disk is full",
+                "readonly database": "the data directory is read-only",
+                "disk i/o error": "the disk failed a write (I/O error)",
+                "unable to open database file": "the database file cannot be opened"}
+
+
+def disk_fault(exc: BaseException) -> str | None:
+    text = str(exc).lower()
+    return next((fault for key, fault in _DISK_FAULTS.items() if key in text), None)
+
+
+PROBE_FREE_BYTES = 1 << 20  # free space that counts as "room again" after a full disk
+
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 
@@ -116,6 +137,9 @@ class Store:
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.RLock()
+        self.problem: str | None = None  # why the disk refuses writes, None while it takes them
+        # told of each change of ``problem``, in the thread that wrote (the App forwards it)
+        self.on_problem: Callable[[str | None], None] | None = None
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
@@ -127,9 +151,46 @@ class Store:
 
     # --- plumbing ---------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Around every write (holding the lock): a write the disk refuses is rolled back
+        whole and raised as StorageError, and ``problem`` says why until `probe` finds the
+        disk healthy. (A failed COMMIT leaves SQLite's transaction open: without the rollback
+        every later write would fail, even once the disk has room again.)"""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if self._conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+            fault = disk_fault(exc)
+            if fault is None:
+                raise
+            self._set_problem(f"{fault} ({self.path.parent})")
+            raise StorageError(f"storage: {self.problem}; nothing was written") from exc
+
+    def _set_problem(self, problem: str | None) -> None:
+        changed, self.problem = problem != self.problem, problem
+        if changed and self.on_problem is not None:
+            self.on_problem(problem)
+
+    def probe(self) -> bool:
+        """True (and ``problem`` cleared) when the disk takes writes again: a small write
+        works and there is room for more than that (a full disk can still take a write that
+        fits in the database's free pages, and a device that flips between "full" and "fine"
+        with every small write helps no one)."""
+        try:
+            self.set_value("storage_probe", time.time())
+        except StorageError:
+            return False
+        if shutil.disk_usage(self.path.parent).free < PROBE_FREE_BYTES:
+            return False
+        self._set_problem(None)
+        return True
+
     def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` in one IMMEDIATE transaction (all or nothing)."""
-        with self._lock:
+        with self._lock, self._writing():
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 result = work(self._conn)
@@ -172,7 +233,7 @@ class Store:
         return json.loads(rows[0]["value"]) if rows else default
 
     def set_value(self, key: str, value: Any) -> None:
-        with self._lock:
+        with self._lock, self._writing():
             self._conn.execute(
                 "INSERT INTO kv(key, value) VALUES(?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -184,7 +245,7 @@ class Store:
     def create_session(self, persona_id: str, *, session_id: str | None = None) -> Session:
         now = time.time()
         sid = session_id or new_id("ses")
-        with self._lock:
+        with self._lock, self._writing():
             self._conn.execute(
                 "INSERT INTO sessions(id, persona_id, created_at, updated_at) VALUES(?,?,?,?)",
                 (sid, persona_id, now, now),
@@ -201,7 +262,7 @@ class Store:
                        row["summary"], row["summarized_upto"], row["origin"], messages)
 
     def set_session_persona(self, session_id: str, persona_id: str) -> None:
-        with self._lock:
+        with self._lock, self._writing():
             self._conn.execute("UPDATE sessions SET persona_id = ?, updated_at = ? WHERE id = ?",
                                (persona_id, time.time(), session_id))
 
@@ -272,7 +333,7 @@ class Store:
         return self.transaction(work)
 
     def set_summary(self, session_id: str, summary: str, summarized_upto: int) -> None:
-        with self._lock:
+        with self._lock, self._writing():
             self._conn.execute(
                 "UPDATE sessions SET summary = ?, summarized_upto = ? WHERE id = ?",
                 (summary, summarized_upto, session_id),

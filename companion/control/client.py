@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import random
 import time
@@ -58,6 +59,7 @@ from companion.control.protocol import (
 from companion.control.tls import client_ssl, connect_without_redirects
 from companion.events import Event, EventType, PipelineState
 from companion.settings import ControlPlaneSettings
+from companion.store import StorageError
 from companion.version import VERSION
 
 if TYPE_CHECKING:
@@ -67,6 +69,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 FATAL_STATUS = frozenset({401, 403})
+EVENT_RETRY_S = 1.0  # a frame the disk refused is offered to it again this often
 GOOD_LINK_S = 10.0  # a link that stayed up this long counts as good even without a server frame
 CLOCK_SAMPLES = 8
 
@@ -419,16 +422,30 @@ class ControlLink:
                 self.status.clock_offset_ms = round(best[1] * 1000, 2)
         for frame_id in ids:
             self._unconfirmed.pop(frame_id, None)
-        await self.app.store.run(self.outbox.remove, ids)
+        try:
+            await self.app.store.run(self.outbox.remove, ids)
+        except StorageError:
+            return  # kept a while longer: sent again later, the server drops what it has
         self._sync_depth()
 
     async def accept(self, command: Command, received_at: float | None = None) -> None:
         """Run a command once: a duplicate is acked again with the stored result."""
         received_at = time.monotonic() if received_at is None else received_at
-        async with self._claims:  # a duplicate is counted, or sees "done": never both, never neither
-            state, result = await self.app.store.run(self.outbox.begin, command.id, command.type)
-            if state == "running":
-                self._duplicates[command.id] = self._duplicates.get(command.id, 0) + 1
+        try:
+            async with self._claims:  # a duplicate is counted, or sees "done": never both, never neither
+                state, result = await self.app.store.run(self.outbox.begin, command.id,
+                                                         command.type)
+                if state == "running":
+                    self._duplicates[command.id] = self._duplicates.get(command.id, 0) + 1
+        except StorageError as exc:
+            # it cannot be recorded, so it does not run (a resend after the fault would run
+            # it again): refused, and the server may send it again later
+            log.warning("command refused: storage failing", command_id=command.id,
+                        type=command.type, error=str(exc))
+            await self._ack_unkept({"command_id": command.id, "command_type": command.type,
+                                    "ok": False, "error_code": "STORAGE_UNAVAILABLE",
+                                    "error": f"{exc}; not run", "latency_ms": None})
+            return
         if state == "done":
             log.info("duplicate command: acking again", command_id=command.id, type=command.type)
             await self.enqueue(device_frame(ACK, {**(result or {}), "duplicate": True}))
@@ -471,8 +488,11 @@ class ControlLink:
         ack["latency_ms"] = round((time.monotonic() - received_at) * 1000, 2)
         async with self._claims:
             extra = self._duplicates.pop(command.id, 0)
-            await self.app.store.run(lambda: self.outbox.finish(
-                command.id, device_frame(ACK, ack), extra_acks=extra))
+            try:
+                await self.app.store.run(lambda: self.outbox.finish(
+                    command.id, device_frame(ACK, ack), extra_acks=extra))
+            except StorageError:  # ran, but its ack cannot be kept: sent as it is, once
+                await self._ack_unkept(ack)
         self._sync_depth()
         if outcome.after is not None:
             try:
@@ -546,10 +566,22 @@ class ControlLink:
             return
         self._event_frames.put_nowait(frame)
 
+    async def _ack_unkept(self, ack: dict[str, Any]) -> None:
+        """An ack the disk would not keep: straight to the server if the link is up."""
+        ws = self._ws
+        if ws is not None and self.status.connected:
+            with contextlib.suppress(ConnectionClosed, OSError):
+                await self._send_now(ws, device_frame(ACK, ack))
+
     async def _event_writer(self) -> None:
         while True:
             frame = await self._event_frames.get()
-            await self.enqueue(frame)
+            while True:  # in order: a frame the disk refuses waits (in memory) until it takes it
+                try:
+                    await self.enqueue(frame)
+                    break
+                except StorageError:
+                    await asyncio.sleep(EVENT_RETRY_S)
 
     async def _hello_payload(self) -> dict[str, Any]:
         app = self.app

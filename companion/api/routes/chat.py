@@ -17,6 +17,7 @@ from companion.api import schemas as s
 from companion.api.common import METRICS, REQUEST_ID, SPEAKER, ApiError, app_of, route, timed
 from companion.conversation import Reply, SessionNotFoundError
 from companion.stages.sentences import SentenceSplitter
+from companion.store import StorageError
 
 if TYPE_CHECKING:
     from companion.app import App
@@ -125,6 +126,9 @@ async def _generate(request: web.Request, body: s.ChatRequest, reply: Reply,
         log.warning("chat timed out", timeout_s=app.settings.pipeline.turn_timeout_s)
         raise ApiError(504, "UPSTREAM_TIMEOUT", "the model did not finish in time",
                        {"timeout_s": app.settings.pipeline.turn_timeout_s}) from exc
+    except StorageError as exc:  # the reply was made but could not be kept: say so, not 502
+        raise ApiError(503, "SERVICE_UNAVAILABLE", f"{exc}; try again once it is fixed",
+                       {"storage": app.store.problem}, headers={"Retry-After": "5"}) from exc
     except (ConnectionError, OSError):
         raise  # the client went away (its socket), not the model
     except Exception as exc:

@@ -59,6 +59,8 @@ async def _storage_health(app: App) -> s.ComponentHealth:
         raise
     except Exception as exc:
         return s.ComponentHealth(healthy=False, enabled=True, detail=str(exc))
+    if app.store.problem is not None:  # it reads, but the last write was refused
+        return s.ComponentHealth(healthy=False, enabled=True, detail=f"storage: {app.store.problem}")
     took = (time.perf_counter() - started) * 1000
     return s.ComponentHealth(healthy=True, enabled=True, detail=str(app.store.path),
                              latency_ms=round(took, 2))
