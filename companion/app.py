@@ -25,7 +25,7 @@ from companion.conversation import ConversationManager
 from companion.devices.audio import AudioSink, AudioSource, AudioUnavailableError
 from companion.events import EventBus, EventType
 from companion.metrics import Metrics
-from companion.models import ModelRegistry
+from companion.models import ModelMissingError, ModelRegistry
 from companion.personas import PersonaLibrary
 from companion.pipeline import IntentHandler, VoiceLoop
 from companion.settings import CompanionSettings
@@ -207,9 +207,13 @@ class App:
         try:
             value = await asyncio.to_thread(build)
         except Exception as exc:
-            self.status.set_component(component, False, str(exc))
-            self.load_error = f"{component}: {exc}"
-            log.error("component failed to load", component=component, error=str(exc))
+            error = str(exc)
+            hint = await asyncio.to_thread(self._corrupt_model, component)
+            if hint and hint not in error:
+                error = f"{error}; {hint}"
+            self.status.set_component(component, False, error)
+            self.load_error = f"{component}: {error}"
+            log.error("component failed to load", component=component, error=error)
             raise
         took = (time.perf_counter() - started) * 1000
         name = getattr(value, "model_name", None) or type(value).__name__
@@ -217,6 +221,23 @@ class App:
         setattr(self, attr, value)
         log.info("component ready", component=component, detail=name, load_ms=round(took, 1))
         return value
+
+    def _corrupt_model(self, component: str) -> str | None:
+        """Why a model that is there did not load, when its file does not match the manifest
+        (a cut-short copy, a bad card): which file and how to reinstall it. Start-up checks
+        only that the files exist; a hash is read only after a load failed."""
+        name = {"stt": self.settings.stt.model, "llm": self.settings.llm.model,
+                "tts": self.settings.tts.voice}.get(component)
+        if name is None:
+            return None
+        try:
+            resolved = self.registry.resolve(name, kind=component)  # type: ignore[arg-type]
+            if resolved.verify_sha256():
+                return None
+        except (ModelMissingError, OSError):
+            return None  # the load error says so already
+        return (f"{resolved.file} is corrupt (sha256 does not match the manifest); reinstall "
+                f"it with: {resolved.entry.how_to_install}")
 
     def _watch_llm_backend(self) -> None:
         """With a remote LLM: its fallbacks and breaker changes become events, the
