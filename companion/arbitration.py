@@ -6,8 +6,8 @@ word against the noise floor heard just before it), starts listening at once and
 peer mode, to the other devices of the room over UDP multicast (``companion.peers``). The round
 ends with a ``Verdict``: the control plane's ``wake_arbitration`` or the peer rule, whenever it
 comes before the answer starts; when the answer is due, it waits for the verdict at most until
-the window closes, then answers (or follows the peer rule). A device that loses stops at once,
-silently.
+``Round.deadline_s`` after the wake, then answers (or follows the peer rule). A device that
+loses stops at once, silently.
 
 One rule everywhere (the control plane, peers, the simulation): the best SNR wins, then the
 level, then the wake score, then the device id (so every peer that saw the same claims picks
@@ -34,7 +34,11 @@ log = structlog.get_logger(__name__)
 
 SILENCE_DBFS = -120.0  # the level of digital silence (log of zero is not a number)
 WORD_S = 1.0  # the wake word's audio: the last second before the detector fired
-PLANE_COLLECT = 0.75  # the control plane waits at most this share of the window for claims
+# one frame's delivery on the control link, allowed for on top of the window: a frame whose TCP
+# segment is lost waits a retransmission (Linux's minimum RTO, 200 ms: a lone frame has no later
+# segment to trigger a fast retransmit) plus jitter. The plane waits this long for the claims of
+# the window; a device waits up to twice (its claim and then its verdict may each be the one)
+DELIVERY_S = 0.25
 ROUND_MEMORY_S = 10.0
 # claims of one room this close are one wake word, even when the window says otherwise: a busy
 # device hears (detects) late; the verdict still counts until its answer starts
@@ -201,12 +205,20 @@ class Round:
     arbiter: Arbiter
     peer_claims: dict[str, Claim] = field(default_factory=dict)
 
+    @property
+    def deadline_s(self) -> float:
+        """How long after the wake the gate waits for the verdict: the window; with the control
+        plane deciding, plus its wait for the window's claims and the verdict's delivery (each
+        may wait a TCP retransmission). The gate comes after the command, so this rarely holds
+        the winner; it keeps a loser whose verdict is late from answering too."""
+        return self.window_s + (2 * DELIVERY_S if self.control else 0.0)
+
     async def commit(self) -> Verdict:
-        """The verdict when the answer is about to start (the gate): wait for it until the
-        window closes, then take the best available (the peer rule, else "answer"). A result
-        that arrives after the window but before this moment still counts: the answer has not
-        started, and a late "you lost" keeps a second device quiet."""
-        remaining = self.started + self.window_s - self.arbiter.monotonic()
+        """The verdict when the answer is about to start (the gate): wait for it until
+        ``deadline_s`` after the wake, then take the best available (the peer rule, else
+        "answer"). A result that arrives after the window but before this moment still counts:
+        the answer has not started, and a late "you lost" keeps a second device quiet."""
+        remaining = self.started + self.deadline_s - self.arbiter.monotonic()
         if not self.result.done() and remaining > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.result), remaining)
@@ -381,6 +393,7 @@ class PlaneRound:
     room: str
     first_at: float  # control-plane time of the earliest wake
     window_s: float
+    first_arrival: float  # control-plane time the first claim arrived
     claims: dict[str, Claim] = field(default_factory=dict)
     winner: Claim | None = None
     timer: asyncio.TimerHandle | None = None
@@ -389,11 +402,12 @@ class PlaneRound:
 class WakeRounds:
     """The control plane's side: groups claims of one room whose wake times fall within the
     window (or LATE_CLAIM_S: a busy device detects late), decides by the rule and tells each
-    claimant. It answers at once when every
-    connected member of the room has claimed (a device alone in its room waits for nothing);
-    otherwise it waits until 3/4 of the window after the earliest wake, so the result reaches
-    the devices before their own window closes. A claim that comes after the decision is
-    told the same winner: one answer matters more than the best one."""
+    claimant. It answers at once when every connected member of the room has claimed (a device
+    alone in its room waits for nothing); otherwise at ``decide_at``: the earliest wake plus the
+    window (every wake of the round) plus DELIVERY_S (a claim that waits a TCP retransmission
+    still counts: deciding sooner made the nearest device lose when its claim was the delayed
+    one). A claim that comes after the decision is told the same winner: one answer matters
+    more than the best one."""
 
     def __init__(self, send: Callable[[str, dict[str, Any]], Awaitable[None]],
                  members: Callable[[str], set[str]], *,
@@ -414,7 +428,7 @@ class WakeRounds:
                        and claim.device_id not in r.claims
                        and abs(claim.at - r.first_at) <= max(r.window_s, LATE_CLAIM_S)), None)
         if round_ is None:
-            round_ = PlaneRound(claim.room, claim.at, claim.window_ms / 1000)
+            round_ = PlaneRound(claim.room, claim.at, claim.window_ms / 1000, now)
             self.rounds.append(round_)
         round_.first_at = min(round_.first_at, claim.at)
         round_.claims[claim.device_id] = claim
@@ -425,9 +439,18 @@ class WakeRounds:
             await self._decide(round_)
             return
         if round_.timer is None:
-            delay = max(0.0, round_.first_at + round_.window_s * PLANE_COLLECT - now)
             round_.timer = asyncio.get_running_loop().call_later(
-                delay, lambda: self._spawn(self._decide(round_)))
+                max(0.0, self.decide_at(round_) - now), lambda: self._spawn(self._decide(round_)))
+
+    @staticmethod
+    def decide_at(round_: PlaneRound) -> float:
+        """When a round with a silent member is decided (control-plane clock). The earliest
+        wake is taken from the claims' ``at`` but kept within DELIVERY_S before the first
+        arrival: a device's estimate of this clock can be off (110 ms seen on a loaded
+        machine), and a wake cannot come after its claim arrived."""
+        earliest = min(round_.first_arrival,
+                       max(round_.first_at, round_.first_arrival - DELIVERY_S))
+        return earliest + round_.window_s + DELIVERY_S
 
     async def _decide(self, round_: PlaneRound) -> None:
         if round_.winner is not None:

@@ -15,13 +15,14 @@ In each trial one group hears the same clip (piper's "Hey Jarvis", or a tone wit
 the nearest device at 0 dB, the next at least 3 dB quieter, the others lower, each with its own
 room noise at -60 dBFS; level and SNR come from ``measure_wake`` on that audio. Each device
 hears the word 0-80 ms apart (distance, detector chunks) and opens its round as the pipeline
-does, and commits at the gate: the end-of-speech wait (vad.silence_end_s, 0.6 s) after a
-command of zero length, the earliest any answer can start. Measured per scenario: the correct
-winner (the loudest), exactly one answering, and the delay the arbitration adds to the winner's
-first audio: ``added_delay_in_use_ms``, how long the winner's commit blocks at the gate, and
-``added_delay_ms``, how long it would block if the answer were ready at the wake itself
-(wake → verdict, at most the window: an upper bound no real turn reaches). ``loop_lag_ms`` is
-how late a 10 ms sleep wakes in the simulation's one event loop (all devices share it): high
+does, and commits at the gate: the shortest command there can be (vad.min_speech_s, 0.3 s, of
+speech) and the silence that ends a local command (turn.probe_silence_s, 0.15 s) after the wake,
+the earliest any answer can start (transcription time, left out, only makes it later). Measured
+per scenario: the correct winner (the loudest), exactly one answering, and the delay the
+arbitration adds to the winner's first audio: ``added_delay_in_use_ms``, how long the winner's
+commit blocks at the gate, and ``added_delay_ms``, how long it would block if the answer were
+ready at the wake itself (wake → verdict: an upper bound no real turn reaches). ``loop_lag_ms``
+is how late a 10 ms sleep wakes in the simulation's one event loop (all devices share it): high
 lag means a loaded machine and late deliveries, so figures from such a run are pessimistic.
 
 Scenarios: ``control`` (control plane, no peers), ``control_peer_loss5`` (control plane with
@@ -53,7 +54,13 @@ from companion.arbitration import LATE_CLAIM_S, Arbiter, WakeSignal, measure_wak
 from companion.control.client import ControlLink
 from companion.log import configure_logging
 from companion.peers import PeerTransport
-from companion.settings import PROJECT_ROOT, ArbitrationSettings, CompanionSettings, VadSettings
+from companion.settings import (
+    PROJECT_ROOT,
+    ArbitrationSettings,
+    CompanionSettings,
+    TurnSettings,
+    VadSettings,
+)
 from scripts.bench_report import write_report
 from tests.fakes import FakeChatModel, FakeSynthesizer
 
@@ -63,7 +70,8 @@ RATE = 16000
 FEATURES = Features(audio_devices=False, voice_loop=False, http=False, control=False, gpio=False,
                     warm_personas=False)
 RETRANSMIT_S = 0.2  # Linux's minimum TCP retransmission timeout
-SILENCE_END_MS = VadSettings().silence_end_s * 1000  # the gate: the end-of-speech wait
+# the gate: the shortest command, then the silence that ends a local command
+GATE_S = VadSettings().min_speech_s + TurnSettings().probe_silence_s
 SCENARIOS = {  # name: (control plane up, peers on, loss)
     "control": (True, False, 0.0),
     "control_peer_loss5": (True, True, 0.05),
@@ -230,7 +238,7 @@ async def start_device(name: str, room: str, tmp: Path, proxy_port: int, udp_por
 
 
 async def trial(group: list[Device], clip: np.ndarray, rng: np.random.Generator,
-                window_s: float, gate_s: float) -> dict[str, Any]:
+                gate_s: float) -> dict[str, Any]:
     gains = [0.0, -3.0 - rng.uniform(0, 6)]
     gains += [gains[1] - rng.uniform(0, 12) for _ in group[2:]]
     order = rng.permutation(len(group))
@@ -260,7 +268,7 @@ async def trial(group: list[Device], clip: np.ndarray, rng: np.random.Generator,
     return {"devices": len(group), "winners": winners, "loudest": loudest,
             "exactly_one": len(winners) == 1, "correct": winners == [loudest],
             # the answer ready at the wake: it would wait for the verdict or the window
-            "wait_at_wake_ms": min(won[0][0].waited_ms, window_s * 1000) if won else None,
+            "wait_at_wake_ms": won[0][0].waited_ms if won else None,
             "wait_at_gate_ms": round(won[0][1], 1) if won else None,
             "sources": sorted({v.source for _, v, _ in outcomes if v is not None}),
             "level_gap_db": round(signals[0].level_dbfs - signals[1].level_dbfs, 1),
@@ -342,7 +350,7 @@ async def run_group(size: int, args: argparse.Namespace, clip: np.ndarray,
             probe = asyncio.create_task(loop_lag(lags.setdefault(name, [])))
             for _ in range(args.trials_per_group):
                 results.setdefault(name, []).append(await trial(
-                    devices, clip, rng, args.window_ms / 1000, SILENCE_END_MS / 1000))
+                    devices, clip, rng, GATE_S))
                 await asyncio.sleep(LATE_CLAIM_S)  # a new wake word, not a late claim
             probe.cancel()
         return clock_error_ms
@@ -374,7 +382,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     clock_errors = [await run_group(size, args, clip, rng, network, tmp, results, lags)
                     for size in sizes]
     result: dict[str, Any] = {
-        "window_ms": args.window_ms, "group_sizes": sizes,
+        "window_ms": args.window_ms, "gate_ms": round(GATE_S * 1000), "group_sizes": sizes,
         "trials_per_group_and_scenario": args.trials_per_group,
         "clip": "tone" if args.synthetic else "piper 'Hey Jarvis.'",
         "plane_clock_error_ms_max": round(max(clock_errors), 1),

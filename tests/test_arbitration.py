@@ -11,7 +11,16 @@ import socket
 import numpy as np
 import pytest
 
-from companion.arbitration import SILENCE_DBFS, Arbiter, Claim, WakeRounds, measure_wake, winner
+from companion.arbitration import (
+    DELIVERY_S,
+    SILENCE_DBFS,
+    Arbiter,
+    Claim,
+    WakeRounds,
+    WakeSignal,
+    measure_wake,
+    winner,
+)
 from companion.events import EventBus, EventType
 from companion.peers import PeerTransport, sign
 from companion.settings import ArbitrationSettings
@@ -117,10 +126,11 @@ async def test_the_round_closes_when_every_member_has_claimed():
     assert plane.rounds.nearest("hall") == "b"
 
 
-async def test_a_silent_member_costs_most_of_the_window_and_a_late_claim_loses():
+async def test_a_silent_member_costs_the_window_and_a_delivery_and_a_later_claim_loses():
     plane = Plane({"hall": {"a", "b", "c"}})
     plane.now = 100.0
-    await plane.rounds.claim(claim("a", 20, at=100.0))  # window 200 ms: decided by 100.15
+    await plane.rounds.claim(claim("a", 20, at=100.0))  # decided at 100 + 0.2 + DELIVERY_S
+    assert plane.rounds.decide_at(plane.rounds.rounds[0]) == pytest.approx(100.0 + 0.2 + DELIVERY_S)
     await until(lambda: plane.sent, 2, what="the round's timer decided")
     assert plane.sent == [("a", {"turn_id": "turn_a", "winner_device_id": "a"})]
     await plane.rounds.claim(claim("b", 40, at=100.18))  # better, but after the decision
@@ -128,6 +138,31 @@ async def test_a_silent_member_costs_most_of_the_window_and_a_late_claim_loses()
     plane.members["hall"] = {"c"}
     await plane.rounds.claim(claim("c", 10, at=101.5))  # 1.5 s later: another wake word
     assert plane.sent[-1] == ("c", {"turn_id": "turn_c", "winner_device_id": "c"})
+
+
+async def test_a_claim_that_waited_a_tcp_retransmission_still_wins():
+    """The nearest device's claim lost a segment: it arrives 300 ms after the first, its wake
+    within the window. Deciding at 3/4 of the window (as once) made it lose."""
+    plane = Plane({"hall": {"a", "b", "c"}})  # c never hears the word
+    plane.now = 100.0
+    await plane.rounds.claim(claim("a", 20, at=100.0))
+    plane.now = 100.3
+    await plane.rounds.claim(claim("b", 32, at=100.05))
+    assert plane.sent == []
+    await until(lambda: len(plane.sent) == 2, 2, what="the round's timer decided")
+    assert {p["winner_device_id"] for _, p in plane.sent} == {"b"}
+
+
+async def test_a_clock_estimate_off_by_half_a_second_does_not_close_the_round_early():
+    plane = Plane({"hall": {"a", "b", "c"}})
+    plane.now = 100.0
+    await plane.rounds.claim(claim("a", 20, at=99.5))  # a's idea of the plane's clock is early
+    assert plane.rounds.decide_at(plane.rounds.rounds[0]) == pytest.approx(
+        100.0 - DELIVERY_S + 0.2 + DELIVERY_S)  # at most one delivery before its arrival
+    plane.now = 100.1
+    await plane.rounds.claim(claim("b", 32, at=100.05))
+    await until(lambda: len(plane.sent) == 2, 2, what="the round's timer decided")
+    assert {p["winner_device_id"] for _, p in plane.sent} == {"b"}
 
 
 async def test_rooms_are_arbitrated_apart():
@@ -177,8 +212,6 @@ async def peer_pair():
 
 async def test_peers_pick_the_better_device_and_the_loser_knows_at_once(peer_pair):
     (kitchen, _, _), (hall, _, _) = peer_pair[0]
-    from companion.arbitration import WakeSignal
-
     async with asyncio.timeout(2):
         k = kitchen.begin("t-k", "hey_jarvis", 0.9, WakeSignal(-20.0, 35.0))
         h = hall.begin("t-h", "hey_jarvis", 0.9, WakeSignal(-26.0, 29.0))
@@ -226,8 +259,6 @@ async def test_forged_replayed_and_stale_announcements_are_ignored(peer_pair):
 
 async def test_a_device_alone_in_its_room_answers_with_no_wait(peer_pair):
     (_kitchen, _, _), _ = peer_pair[0]
-    from companion.arbitration import WakeSignal
-
     settings = peer_settings(peer_pair[1], room="attic")
     attic, peer, _ = await peer_device("attic", settings)
     try:
@@ -243,8 +274,6 @@ async def test_a_device_alone_in_its_room_answers_with_no_wait(peer_pair):
 async def test_without_link_or_peers_there_is_no_round():
     settings = ArbitrationSettings(room="hall")
     arbiter = Arbiter(lambda: settings, "solo", EventBus())
-    from companion.arbitration import WakeSignal
-
     assert arbiter.begin("t", "hey_jarvis", 0.9, WakeSignal(-20.0, 30.0)) is None
 
 
@@ -256,8 +285,6 @@ def test_peer_mode_needs_a_secret():
 
 async def test_a_bus_event_and_log_record_every_verdict(peer_pair):
     (kitchen, _, bus), _ = peer_pair[0]
-    from companion.arbitration import WakeSignal
-
     events = []
     bus.add_callback(lambda e: events.append(e) if e.type is EventType.WAKE_ARBITRATION else None)
     round_ = kitchen.begin("t-e", "hey_jarvis", 0.9, WakeSignal(-20.0, 30.0))
@@ -283,21 +310,30 @@ class QuietLink:
         return True
 
 
-async def test_a_late_result_counts_until_the_gate_and_no_result_means_answer():
-    from companion.arbitration import WakeSignal
-
+def linked_arbiter() -> tuple[list[float], QuietLink, Arbiter]:
+    """An arbiter whose claims go to a control plane that never answers, on a clock the test
+    moves (``now[0]``)."""
     now = [50.0]
     link = QuietLink()
     settings = ArbitrationSettings(room="hall", window_ms=200)
     arbiter = Arbiter(lambda: settings, "hall-1", EventBus(), control=lambda: link,
                       monotonic=lambda: now[0])
+    return now, link, arbiter
+
+
+async def test_a_late_result_counts_until_the_gate_and_no_result_means_answer():
+    now, link, arbiter = linked_arbiter()
     late = arbiter.begin("t-late", "hey_jarvis", 0.9, WakeSignal(-20.0, 30.0))
     silent = arbiter.begin("t-silent", "hey_jarvis", 0.9, WakeSignal(-20.0, 30.0))
     assert late is not None and silent is not None and not late.result.done()
+    # the plane decides up to window + DELIVERY_S after the first wake, its verdict may wait
+    # a retransmission: the gate waits that long for it
+    assert late.deadline_s == pytest.approx(0.2 + 2 * DELIVERY_S)
     await until(lambda: len(link.sent) == 2)  # the claims went out at once
     now[0] += 0.5  # the window has closed; the user is still speaking: no gate yet
     arbiter.on_control_result("t-late", "kitchen-1")
     assert late.result.done()  # the loser's turn stops now, before it answers
+    now[0] += 0.25  # past the deadline: no more waiting
     async with asyncio.timeout(2):
         lost, answered = await late.commit(), await silent.commit()
     assert (lost.won, lost.source, lost.winner_device_id) == (False, "control", "kitchen-1")
@@ -328,3 +364,21 @@ def test_the_audio_clock_dates_a_word_heard_by_a_detector_running_behind():
         now[0] += 0.0001
         clock.tick()
     assert 0.0 <= clock.lag_s() <= AudioClock.MAX_LAG_S
+
+
+async def test_a_verdict_after_the_window_but_before_the_deadline_keeps_the_loser_quiet():
+    """The gate comes 0.45 s after the wake (a short command): the window has closed, the
+    plane's verdict is on its way (a retransmission). The loser waits for it instead of
+    answering as if alone."""
+    now, _link, arbiter = linked_arbiter()
+    round_ = arbiter.begin("t1", "hey_jarvis", 0.9, WakeSignal(-30.0, 20.0))
+    assert round_ is not None
+    now[0] += 0.45
+    gate = asyncio.create_task(round_.commit())
+    for _ in range(3):  # let the gate run until it waits (it would have answered at once)
+        await asyncio.sleep(0)
+    assert not gate.done()
+    arbiter.on_control_result("t1", "kitchen-1")
+    async with asyncio.timeout(2):
+        verdict = await gate
+    assert (verdict.won, verdict.source) == (False, "control")

@@ -115,7 +115,7 @@ async def test_a_device_alone_in_its_room_is_not_held_by_the_window(tmp_path: Pa
         gate.set()
         await until(lambda: EventType.TURN_END in types(attic_events), 10)
         verdict = next(e.data for e in attic_events if e.type is EventType.WAKE_ARBITRATION)
-        # a 2 s window: waiting for it (or for 3/4 of it on the plane) would show as ≥ 1000 ms
+        # a 2 s window: waiting for it (on the device or the plane) would show as ≥ 1000 ms
         assert verdict["won"] and verdict["source"] == "control" and verdict["waited_ms"] < 1000
 
 
