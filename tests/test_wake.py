@@ -90,3 +90,35 @@ async def test_after_reset_the_same_word_does_not_fire_again(tmp_path):
         silence = bytes(1280 * 2)
         for _ in range(25):  # 2 s of quiet after the turn
             assert await detector.process(silence) is None
+
+
+@pytest.mark.models
+def test_the_detector_loads_without_scikit_learn_and_scipy(tmp_path):
+    """openWakeWord's package imports its verifier trainer (scikit-learn, SciPy: most of its
+    import time, the longest step of start-up); the daemon's detector does not, and hears."""
+    import subprocess
+    import sys
+
+    from scripts.make_utterance_wav import make
+
+    wav = make(tmp_path / "w.wav", wake="Hey Jarvis.", text=None)
+    code = f"""
+import asyncio, sys
+from pathlib import Path
+from companion.devices.audio import read_wav_16k_mono
+from companion.models import ModelRegistry
+from companion.settings import PROJECT_ROOT, WakeSettings
+from companion.stages.wake import OpenWakeWordDetector
+
+detector = OpenWakeWordDetector(WakeSettings(), ModelRegistry(PROJECT_ROOT / "models"))
+pcm = read_wav_16k_mono(Path({str(wav)!r}))
+
+async def hear():
+    return [d for i in range(0, len(pcm), 960) if (d := await detector.process(pcm[i:i + 960]))]
+
+print([d.word for d in asyncio.run(hear())], sorted({{"sklearn", "scipy"}} & set(sys.modules)))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "['hey_jarvis'] []"

@@ -8,6 +8,8 @@ seconds, stops one utterance of the word firing twice.
 from __future__ import annotations
 
 import asyncio
+import sys
+import types
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,15 +62,39 @@ class WakeScorer:
         return best
 
 
+def _import_openwakeword_model() -> type:
+    """openWakeWord's ``Model``, without the custom-verifier trainer its package imports.
+
+    ``openwakeword/__init__`` imports ``custom_verifier_model`` (to train verifiers), which
+    imports scikit-learn and SciPy: 9.8 s of a 10 s import on the loaded 2-core machine, 1.0-1.7
+    s without (``python -c "import openwakeword.model"``), and the wake word was the slowest
+    model to load, so start-up waited on it. The daemon never trains or loads verifiers
+    (``Model`` only unpickles the ones it is given), so the trainer module is a stand-in that
+    says so when called. Pinned openwakeword 0.5.1; a real import made earlier is kept."""
+    name = "openwakeword.custom_verifier_model"
+    if "openwakeword" not in sys.modules and name not in sys.modules:
+        stand_in = types.ModuleType(name, "not loaded by the companion daemon")
+
+        def train_custom_verifier(*args, **kwargs):
+            raise RuntimeError("openWakeWord's verifier training is not loaded in the companion "
+                               "daemon; run it in a separate Python")
+
+        stand_in.train_custom_verifier = train_custom_verifier  # type: ignore[attr-defined]
+        sys.modules[name] = stand_in
+    from openwakeword.model import Model
+
+    return Model
+
+
 class OpenWakeWordDetector:
     def __init__(self, settings: WakeSettings, registry: ModelRegistry) -> None:
-        from openwakeword.model import Model  # heavy; import only when used
+        model_class = _import_openwakeword_model()  # heavy; imported only when used
 
         paths = []
         for word in settings.models:
             resolved = registry.resolve(word, kind="wake")
             paths.append(str(resolved.file))
-        self._model = Model(wakeword_models=paths, inference_framework="onnx")
+        self._model = model_class(wakeword_models=paths, inference_framework="onnx")
         # openWakeWord names each model after its file stem ("hey_jarvis_v0.1"); map back.
         self._names = {stem: word for stem, word in zip(self._model.models, settings.models, strict=True)}
         self.words = list(settings.models)
