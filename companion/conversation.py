@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -313,11 +313,14 @@ class ConversationManager:
         system_prompt: str | None = None, temperature: float | None = None,
         max_tokens: int | None = None, latency: dict[str, float] | None = None,
         priority: Priority = Priority.INTERACTIVE,
+        before_record: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncIterator[str]:
         """Stream the reply's deltas. ``reply`` (if given) is filled in as it goes; the turn
         (user words and reply together) is recorded when generation completes, not when it is
         cancelled. ``latency`` adds the caller's timings (e.g. stt_ms) to the record.
-        ``priority``: VOICE for a person talking to the device, INTERACTIVE otherwise."""
+        ``priority``: VOICE for a person talking to the device, INTERACTIVE otherwise.
+        ``before_record`` is awaited between the last delta and the record: a speculative
+        answer holds there until the turn is really the user's (cancelled: nothing is kept)."""
         async with self._switch_lock:  # one consistent persona + session for the whole turn
             persona = self.active_persona
             if session_id is not None:
@@ -353,6 +356,8 @@ class ConversationManager:
                 yield delta
         reply.text = "".join(parts).strip()
         reply.latency_ms = (time.perf_counter() - started) * 1000
+        if before_record is not None:
+            await before_record()
         timings = {"llm_ms": round(reply.latency_ms, 1),
                    "first_token_ms": round((reply.stats.first_token_s or 0) * 1000, 1),
                    "prompt_tokens": reply.stats.prompt_tokens,

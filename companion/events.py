@@ -158,6 +158,8 @@ class Command(Payload):
 @payload
 class LlmStart(Payload):
     persona_id: str
+    speculative: bool = False  # begun at the final pause, before the endpoint (speculation.py)
+    ahead_s: float | None = None  # how long before this event it was begun
 
 
 @payload

@@ -29,6 +29,7 @@ from companion.devices.audio import AudioSource
 from companion.devices.echo import EchoControl
 from companion.events import EventBus, EventType, PipelineState
 from companion.settings import CompanionSettings, VadSettings
+from companion.speculation import Speculation
 from companion.speech import SpeechOutput, SpeechStats
 from companion.stages.llm import Priority
 from companion.stages.sentences import SentenceSplitter
@@ -99,6 +100,7 @@ class VoiceLoop:
             maxlen=max(1, int(WAKE_CONTEXT_S * 1000 / settings.audio.block_ms)))
         self._rounds: dict[str, Round] = {}
         self._audio_clock = AudioClock(settings.audio.block_ms / 1000)  # when a word was heard
+        self._ahead: dict[str, Speculation] = {}  # answers begun before the endpoint, by turn
 
     # --- the microphone pump --------------------------------------------------------------------
 
@@ -394,26 +396,37 @@ class VoiceLoop:
         if follow_up:
             window = self._follow_up_window_s(persona)
             vad_settings = vad_settings.model_copy(update={"no_speech_timeout_s": window})
-        transcript = await self._listen_and_transcribe(turn_id, audio, vad_settings, timings)
-        if transcript is None:
-            return False
-        if self._turn_audio is audio:
-            self._release_microphone()  # the wake detector hears again (barge-in)
-        if not await self._committed(turn_id):
-            return False
-        text = self._without_wake_phrase(transcript.text)
-        if not text:  # only the wake word (said again in a follow-up window): listen anew
-            self.bus.emit(EventType.NO_SPEECH, turn_id, reason="wake word only")
-            return not self.source_ended.is_set() and self._follow_up_window_s(persona) > 0
-        if self.intent_handler is not None and self.settings.pipeline.local_commands:
-            action = await self.intent_handler(text, turn_id)
-            if action is not None:  # the action registry emitted COMMAND if one ran
-                if action.speak:
-                    await self._speak_text(action.speak, turn_id, timings)
-                return action.expect_reply and self._follow_up_window_s(persona) > 0
-        self.status.set_state(PipelineState.THINKING, turn_id)
-        await self._answer(turn_id, text, timings)
-        return self._follow_up_window_s(persona) > 0
+        try:
+            transcript = await self._listen_and_transcribe(turn_id, audio, vad_settings, timings,
+                                                           answer_ahead=True)
+            if transcript is None:
+                return False
+            if self._turn_audio is audio:
+                self._release_microphone()  # the wake detector hears again (barge-in)
+            # an answer begun ahead is played only after this: arbitration decides first
+            if not await self._committed(turn_id):
+                return False
+            text = self._without_wake_phrase(transcript.text)
+            if not text:  # only the wake word (said again in a follow-up window): listen anew
+                self.bus.emit(EventType.NO_SPEECH, turn_id, reason="wake word only")
+                return not self.source_ended.is_set() and self._follow_up_window_s(persona) > 0
+            if self.intent_handler is not None and self.settings.pipeline.local_commands:
+                action = await self.intent_handler(text, turn_id)
+                if action is not None:  # the action registry emitted COMMAND if one ran
+                    if action.speak:
+                        await self._speak_text(action.speak, turn_id, timings)
+                    return action.expect_reply and self._follow_up_window_s(persona) > 0
+            self.status.set_state(PipelineState.THINKING, turn_id)
+            ahead = self._ahead.pop(turn_id, None)
+            if ahead is not None and (ahead.text != text or ahead.reply.persona_id != persona.id):
+                ahead.discard()  # written for other words (or another persona)
+                ahead = None
+            await self._answer(turn_id, text, timings, ahead)
+            return self._follow_up_window_s(persona) > 0
+        finally:
+            # whatever was not adopted (a command, a lost arbitration, a barge-in) is dropped
+            if (left := self._ahead.pop(turn_id, None)) is not None:
+                left.discard()
 
     def _follow_up_window_s(self, persona) -> float:
         """The persona's window, capped device-wide (pipeline.follow_up_window_s; 0 = off)."""
@@ -434,9 +447,11 @@ class VoiceLoop:
 
     async def _listen_and_transcribe(
         self, turn_id: str, audio: asyncio.Queue[bytes | None], vad_settings: VadSettings,
-        timings: TurnTimings,
+        timings: TurnTimings, *, answer_ahead: bool = False,
     ) -> Transcript | None:
-        listener = _Listener(self, turn_id, vad_settings)
+        """``answer_ahead``: a turn (not ``listen_once``) may begin its answer at a pause judged
+        complete; the answer is left in ``self._ahead`` when the endpoint fell at that pause."""
+        listener = _Listener(self, turn_id, vad_settings, answer_ahead=answer_ahead)
         self.bus.emit(EventType.LISTEN_START, turn_id)
         self._listening = True
         try:
@@ -469,22 +484,29 @@ class VoiceLoop:
                 self.bus.emit(EventType.NO_SPEECH, turn_id, audio_s=round(result.audio_s, 3),
                               reason="empty transcript")
                 return None
+            if (ahead := listener.take_speculation(result)) is not None:
+                self._ahead[turn_id] = ahead
             return transcript
         finally:
             self._listening = False
             listener.close()
 
-    async def _answer(self, turn_id: str, text: str, timings: TurnTimings) -> None:
+    async def _answer(self, turn_id: str, text: str, timings: TurnTimings,
+                      ahead: Speculation | None = None) -> None:
+        """``ahead``: the answer begun at the final pause (its LLM text and first sentence's
+        audio are taken over; its events start now, as it becomes this turn's answer)."""
         persona = self.conversation.active_persona
-        reply = Reply(turn_id, "", persona.id, text)
+        reply = ahead.reply if ahead is not None else Reply(turn_id, "", persona.id, text)
         llm_started = time.perf_counter()
-        self.bus.emit(EventType.LLM_START, turn_id, persona_id=persona.id)
+        self.bus.emit(EventType.LLM_START, turn_id, persona_id=persona.id,
+                      speculative=ahead is not None,
+                      ahead_s=round(llm_started - ahead.started, 4) if ahead else None)
 
         async def sentences() -> AsyncIterator[str]:
             splitter = SentenceSplitter()
             first_token = True
-            deltas = self.conversation.respond(text, reply=reply, turn_id=turn_id, source="voice",
-                                               priority=Priority.VOICE)
+            deltas = ahead.adopt() if ahead is not None else self.conversation.respond(
+                text, reply=reply, turn_id=turn_id, source="voice", priority=Priority.VOICE)
             async with contextlib.aclosing(deltas):  # barge-in stops the LLM at once
                 async for delta in deltas:
                     if first_token:
@@ -505,7 +527,7 @@ class VoiceLoop:
         stats = SpeechStats()
         try:
             await self._speak(sentences(), turn_id, timings, persona.voice_config.params(),
-                              stats=stats)
+                              stats=stats, prepared=ahead.prepared() if ahead else None)
         except asyncio.CancelledError:
             if stats.first_audio_at is not None or reply.completed:
                 # barge-in: keep what the user heard (written in the background: this task is
@@ -522,7 +544,7 @@ class VoiceLoop:
         self.bus.emit(EventType.LLM_SENTENCE, turn_id, text=sentence)
 
     async def _speak(self, sentences: AsyncIterator[str], turn_id: str, timings: TurnTimings,
-                     voice, stats: SpeechStats | None = None) -> None:
+                     voice, stats: SpeechStats | None = None, prepared=None) -> None:
         def first_audio() -> None:
             self.status.set_state(PipelineState.SPEAKING, turn_id)
             if timings._deadline is not None:
@@ -534,7 +556,8 @@ class VoiceLoop:
                 timings._decided_at = None
 
         stats = await self.speech.speak(sentences, voice, turn_id=turn_id,
-                                        on_first_audio=first_audio, stats=stats)
+                                        on_first_audio=first_audio, stats=stats,
+                                        prepared=prepared)
         timings.tts_first_sentence_s = stats.first_tts_s
 
     async def _speak_text(self, text: str, turn_id: str, timings: TurnTimings) -> None:
@@ -598,7 +621,8 @@ class _Listener:
     consumed), so they are the same on a fast or slow machine; when a judgement is needed and
     not ready, the microphone's audio waits in its queue."""
 
-    def __init__(self, loop: VoiceLoop, turn_id: str, vad_settings: VadSettings) -> None:
+    def __init__(self, loop: VoiceLoop, turn_id: str, vad_settings: VadSettings, *,
+                 answer_ahead: bool = False) -> None:
         self.loop = loop
         self.turn_id = turn_id
         settings = loop.settings
@@ -620,6 +644,8 @@ class _Listener:
         self.probe: _Probe | None = None
         self._context: list | None = None
         self.silence_at_end_s = 0.0
+        self.answer_ahead = answer_ahead and settings.turn.speculative_answer and self.policy.semantic
+        self.speculation: Speculation | None = None
 
     async def listen(self, audio: asyncio.Queue[bytes | None]) -> EndpointResult:
         endpointer, seg = self.endpointer, self.endpointer.segmenter
@@ -635,6 +661,7 @@ class _Listener:
             if state is not SegmentState.SPEECH:
                 continue
             if seg.silence_s == 0.0:
+                self._drop_speculation()  # speech resumed: that answer is moot
                 self._maybe_partial_pass()
             elif self.speculate and seg.silence_s >= self.policy.probe_silence_s:
                 state = await self._at_pause()
@@ -675,7 +702,39 @@ class _Listener:
         decision = outcome[1] if outcome is not None else self.policy.decide(None)
         if seg.silence_s >= decision.silence_needed_s:
             return seg.end()
+        if outcome is not None and decision.reason == "complete":
+            self._speculate(outcome[0], pause_began)
         return seg.state
+
+    def _speculate(self, transcript: Transcript, pause_began: float) -> None:
+        """The words so far are a whole question and the closing silence is still being
+        counted: begin the answer now (``companion.speculation``)."""
+        if not self.answer_ahead or (self.speculation is not None
+                                     and self.speculation.pause_began_s == pause_began):
+            return
+        text = self.loop._without_wake_phrase(transcript.text)
+        if not text:
+            return
+        self._drop_speculation()
+        self.speculation = Speculation(self.loop.conversation, self.loop.speech.tts,
+                                       turn_id=self.turn_id, text=text, pause_began_s=pause_began)
+        log.debug("answer begun ahead of the endpoint", audio_time_s=pause_began)
+
+    def _drop_speculation(self) -> None:
+        if self.speculation is not None:
+            self.speculation.discard()
+            self.speculation = None
+            log.debug("answer begun ahead discarded: speech resumed")
+
+    def take_speculation(self, result: EndpointResult) -> Speculation | None:
+        """The answer begun at the pause where the utterance ended, if any (the caller owns
+        it now); one begun at an earlier pause is discarded."""
+        speculation, self.speculation = self.speculation, None
+        if speculation is not None and (self.endpointer.segmenter.hit_max_length or
+                                        speculation.pause_began_s != round(result.speech_end_s or -1.0, 3)):
+            speculation.discard()
+            return None
+        return speculation
 
     async def _judge(self, pcm: bytes, pause_began: float) -> tuple[Transcript, TurnDecision]:
         """Transcribe the words so far and judge whether they are a whole turn."""
@@ -741,6 +800,7 @@ class _Listener:
                 "decoded_audio_s": round(self.streaming.decoded_s, 3)}
 
     def close(self) -> None:
+        self._drop_speculation()
         for task in (self._partial, self.probe.task if self.probe else None):
             if task is None:
                 continue

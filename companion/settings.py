@@ -167,6 +167,11 @@ class TurnSettings(_Section):
     partial_every_s: float = Field(
         0.8, ge=0.2, description="New speech between two background transcription passes."
     )
+    speculative_answer: bool = Field(
+        True, description="When a pause is judged a complete question, begin the answer (LLM "
+        "and the first sentence's synthesis) while the rest of the closing silence is counted; "
+        "discarded without a trace if speech resumes, played only once the turn is committed."
+    )
 
 
 class SttSettings(_Section):

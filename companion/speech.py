@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -94,11 +94,14 @@ class SpeechOutput:
 
     async def speak(self, sentences: AsyncIterable[str], voice: VoiceParams, *,
                     turn_id: str | None = None, interrupt: bool = False,
-                    on_first_audio=None, stats: SpeechStats | None = None) -> SpeechStats:
-        """Speak the sentences; ``stats`` (if given) is filled in even when cut short."""
+                    on_first_audio=None, stats: SpeechStats | None = None,
+                    prepared: dict[str, Awaitable[AudioClip]] | None = None) -> SpeechStats:
+        """Speak the sentences; ``stats`` (if given) is filled in even when cut short.
+        ``prepared``: sentences already being synthesized (a speculative answer's first one)."""
         stats = stats if stats is not None else SpeechStats()
         async with self._turn_at_the_speaker(interrupt):
-            await self._pipeline(sentences, voice, turn_id, stats, on_first_audio)
+            await self._pipeline(sentences, voice, turn_id, stats, on_first_audio,
+                                 dict(prepared or {}))
         stats.completed = True
         return stats
 
@@ -157,7 +160,8 @@ class SpeechOutput:
             self._speaking.discard(task)
 
     async def _pipeline(self, sentences: AsyncIterable[str], voice: VoiceParams,
-                        turn_id: str | None, stats: SpeechStats, on_first_audio) -> None:
+                        turn_id: str | None, stats: SpeechStats, on_first_audio,
+                        prepared: dict[str, Awaitable[AudioClip]]) -> None:
         # synthesis runs at most two sentences ahead of playback; the queue itself is unbounded
         # so the end marker can always be put, even by a cancelled producer
         clips: asyncio.Queue[tuple[str, AudioClip] | None] = asyncio.Queue()
@@ -169,7 +173,8 @@ class SpeechOutput:
                     await ahead.acquire()
                     started = time.perf_counter()
                     self.bus.emit(EventType.TTS_START, turn_id, text=sentence)
-                    clip = await self.tts.synthesize(sentence, voice)
+                    ready = prepared.pop(sentence, None)
+                    clip = await (ready if ready is not None else self.tts.synthesize(sentence, voice))
                     took = time.perf_counter() - started
                     if stats.first_tts_s is None:
                         stats.first_tts_s = took

@@ -1,14 +1,26 @@
 """End of turn with fakes: the decision logic in audio seconds, streaming transcription, and
 the voice loop ending complete questions soon and incomplete ones late (never cut off)."""
 
+import asyncio
+from types import SimpleNamespace
+
 import pytest
 
-from companion.events import Event, EventType
+from companion.events import Event, EventType, PipelineState
 from companion.settings import TurnSettings
+from companion.stages.sentences import split_sentences
 from companion.stages.stt import StreamingTranscription, Word, agreed_prefix
 from companion.stages.turn import TurnPolicy, is_instant_command, normalize_transcript
-from tests.conftest import fake_app, make_settings
-from tests.fakes import BLOCK, BlockWordsTranscriber, FakeMic, FakeTurnChatModel, speech_block, wake_block
+from tests.conftest import fake_app, make_settings, until
+from tests.fakes import (
+    BLOCK,
+    BlockWordsTranscriber,
+    FakeMic,
+    FakeSynthesizer,
+    FakeTurnChatModel,
+    speech_block,
+    wake_block,
+)
 from tests.test_pipeline import run_mic
 
 WORDS = ["what", "is", "the", "capital", "of", "germany"]
@@ -81,15 +93,32 @@ def pausy(first: int, second: int, pause_blocks: int, tail_blocks: int = 60) -> 
             + [BLOCK] * pause_blocks + [speech_block()] * (5 * second) + [BLOCK] * tail_blocks)
 
 
-async def run_turn(tmp_path, blocks, **settings) -> tuple[list[Event], FakeTurnChatModel]:
-    llm = FakeTurnChatModel("Berlin.")
+class GatedMic(FakeMic):
+    """Blocks, and conditions (callables) the microphone waits for before it goes on."""
+
+    async def blocks(self):
+        for item in self._blocks:
+            if callable(item):
+                await until(item, what="the microphone's condition")
+            else:
+                yield item
+
+
+async def run_turn(tmp_path, blocks, *, words=WORDS, keep_app: list | None = None,
+                   llm: FakeTurnChatModel | None = None, tts: FakeSynthesizer | None = None,
+                   **settings) -> tuple[list[Event], FakeTurnChatModel]:
+    llm = llm or FakeTurnChatModel("Berlin. It is big.")
     app = fake_app(make_settings(tmp_path, pipeline={"follow_up_window_s": 0}, **settings),
-                   source=FakeMic(blocks), stt=BlockWordsTranscriber(WORDS), llm=llm)
+                   source=GatedMic(blocks), stt=BlockWordsTranscriber(words), llm=llm,
+                   tts=tts or FakeSynthesizer())
     events: list[Event] = []
     app.bus.add_callback(events.append)
     await app.start()
     await run_mic(app, limit_s=10)
-    await app.aclose()
+    if keep_app is not None:
+        keep_app.append(app)  # the caller reads its store and speaker, and closes it
+    else:
+        await app.aclose()
     return events, llm
 
 
@@ -146,3 +175,106 @@ async def test_switched_off_parts_fall_back(tmp_path, turn):
     else:
         assert texts == ["what is the capital of germany"]
         assert only(events, EventType.STT_END)[0]["passes"] is None  # no streaming passes
+
+
+def history(app) -> list[tuple[str, str]]:
+    session = app.store.get_session(app.conversation.active_session_id)
+    return [(m.role, m.content) for m in session.messages]
+
+
+async def test_a_pause_judged_complete_begins_the_answer_and_the_endpoint_plays_it(tmp_path):
+    apps: list = []
+    events, llm = await run_turn(tmp_path, pausy(6, 0, pause_blocks=0), keep_app=apps)
+    app = apps[0]
+    starts = only(events, EventType.LLM_START)
+    assert len(starts) == 1 and starts[0]["speculative"] is True and starts[0]["ahead_s"] >= 0
+    assert len(llm.prompts) == 1  # the answer begun ahead is the answer: written once
+    # its events and playback come after the endpoint, in the usual order
+    kinds = [e.type for e in events]
+    assert kinds.index(EventType.SPEECH_END) < kinds.index(EventType.LLM_START) \
+        < kinds.index(EventType.LLM_SENTENCE) < kinds.index(EventType.PLAYBACK_START)
+    assert [e["text"] for e in only(events, EventType.PLAYBACK_START)] == ["Berlin.", "It is big."]
+    assert history(app) == [("user", "what is the capital of germany"),
+                            ("assistant", "Berlin. It is big.")]
+    await app.aclose()
+
+
+async def test_speech_resuming_discards_the_answer_begun_at_the_pause(tmp_path):
+    """ "what is the capital of germany" (judged complete: the answer begins), 0.21 s of
+    silence, then "please": the first answer leaves no trace; the whole utterance is answered."""
+    apps: list = []
+    reply = "Berlin. It is big. It is old. It has a river."
+    llm, tts = FakeTurnChatModel(reply, delay_s=0.05), FakeSynthesizer()
+    blocks = pausy(6, 1, pause_blocks=7)
+    resume = blocks.index(BLOCK, 7 + 30)  + 6  # the 7th silent block after "germany"
+    # the microphone goes on once the answer begun at the pause has its first sentence's audio
+    blocks.insert(resume, lambda: tts.spoken)
+    events, llm = await run_turn(tmp_path, blocks, words=[*WORDS, "please"], keep_app=apps,
+                                 llm=llm, tts=tts)
+    app = apps[0]
+    judged = only(events, EventType.END_OF_TURN)
+    assert judged[0]["end_reason"] == "complete"  # an answer was begun at that pause ...
+    assert llm.prompts[0][-1]["content"] == "what is the capital of germany"
+    assert tts.spoken[0][0] == "Berlin."
+    assert llm.cancelled == 1  # ... and stopped when speech resumed
+    starts = only(events, EventType.LLM_START)
+    assert len(starts) == 1 and starts[0]["speculative"] is False
+    assert [e["user_text"] for e in only(events, EventType.EXCHANGE_RECORDED)] == [
+        "what is the capital of germany please"]
+    assert history(app)[0] == ("user", "what is the capital of germany please")
+    assert len(history(app)) == 2
+    played = [e["text"] for e in only(events, EventType.PLAYBACK_START)]
+    assert played == split_sentences(reply)  # the whole reply, once
+    assert len(app.sink.played) == 2 * len(played)  # each sentence and the silence after it
+    await app.aclose()
+
+
+async def test_answering_ahead_can_be_turned_off(tmp_path):
+    events, llm = await run_turn(tmp_path, pausy(6, 0, pause_blocks=0),
+                                 turn={"speculative_answer": False})
+    starts = only(events, EventType.LLM_START)
+    assert len(starts) == 1 and starts[0]["speculative"] is False
+    assert len(llm.prompts) == 1
+
+
+class HeldRound:
+    """A wake-word round whose verdict (this device answers) waits for the test."""
+
+    def __init__(self) -> None:
+        self.result = asyncio.get_running_loop().create_future()
+        self.release = asyncio.Event()
+
+    async def commit(self) -> SimpleNamespace:
+        await self.release.wait()
+        return SimpleNamespace(won=True)
+
+
+class HeldArbiter:
+    def __init__(self) -> None:
+        self.rounds: list[HeldRound] = []
+
+    def begin(self, *args, **kwargs) -> HeldRound:
+        self.rounds.append(HeldRound())
+        return self.rounds[-1]
+
+
+async def test_an_answer_begun_ahead_plays_only_once_the_turn_is_committed(tmp_path):
+    llm, tts = FakeTurnChatModel("Berlin. It is big."), FakeSynthesizer()
+    app = fake_app(make_settings(tmp_path, pipeline={"follow_up_window_s": 0}),
+                   source=GatedMic(pausy(6, 0, pause_blocks=0)), stt=BlockWordsTranscriber(WORDS),
+                   llm=llm, tts=tts)
+    events: list[Event] = []
+    app.bus.add_callback(events.append)
+    await app.start()
+    app.voice.arbiter = arbiter = HeldArbiter()
+    async with asyncio.timeout(10):
+        pump = asyncio.create_task(app.voice.run())
+        await until(lambda: only(events, EventType.SPEECH_END) and tts.spoken)
+        await pump
+        assert app.sink.played == [] and not only(events, EventType.LLM_START)
+        assert app.status.pipeline_state is not PipelineState.SPEAKING
+        arbiter.rounds[0].release.set()
+        await app.voice.wait_idle()
+    assert only(events, EventType.LLM_START)[0]["speculative"] is True
+    assert [e["text"] for e in only(events, EventType.PLAYBACK_START)] == ["Berlin.", "It is big."]
+    await app.aclose()

@@ -79,3 +79,29 @@ def test_a_pause_mid_sentence_does_not_cut_the_question_and_a_finished_one_ends_
     assert any(e["end_reason"] == "incomplete" for e in judged)  # the pauses were judged
     # the finished question ends after a short silence, not the long window
     assert ends[2]["end_reason"] == "complete" and ends[2]["silence_s"] < 0.5, ends[2]
+
+
+def test_the_end_of_turn_check_reads_only_the_new_words():
+    """The persona prompt is kept by llama.cpp (a warm prefix), and each pause's check shares
+    everything up to the words with the one before: only the user's words are evaluated."""
+    settings = CompanionSettings()
+    llm = LlamaCppChatModel(settings.llm, ModelRegistry(settings.models_dir))
+
+    def user(words: str) -> list:
+        return [SYSTEM, {"role": "user", "content": words}]
+
+    async def run() -> list[int]:
+        await llm.warm_prefix("persona", [SYSTEM])
+        counts = []
+        for words in ("What is the capital of", "What is the capital of Germany"):
+            await llm.end_of_turn_probability(user(words))
+            counts.append(llm.last_prompt_eval_tokens)
+        return counts
+
+    try:
+        first, second = asyncio.run(run())
+        words, new = len(llm._tokenize("What is the capital of")), len(llm._tokenize(" Germany"))
+    finally:
+        llm.close()
+    assert first <= words + 4  # the words and the user header, not the system prompt
+    assert second <= new + 1  # only the new word

@@ -341,6 +341,7 @@ class LlamaCppChatModel:
         if self._llama.n_tokens > held:  # keep the shared prefix, drop the rest
             self._llama._ctx.kv_cache_seq_rm(-1, held, -1)
             self._llama.n_tokens = held
+        self.last_prompt_eval_tokens = len(tokens) - held  # the user's words, when all is well
         self._llama.eval(tokens[held:])
         logits = np.ctypeslib.as_array(self._llama._ctx.get_logits(),
                                        shape=(self._llama.n_vocab(),)).astype(np.float64)
