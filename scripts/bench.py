@@ -39,7 +39,9 @@ BENCHMARKS = {
 }
 STAGE_LABELS = {"endpoint_s": "endpoint", "stt_s": "transcript", "llm_first_sentence_s":
                 "LLM first sentence", "tts_first_audio_s": "first sentence synthesized"}
-MODE_LABELS = {"ours": "ours", "sequential": "sequential (STT after the endpoint)",
+MODE_LABELS = {"ours": "ours", "no_speculation": "ours, answer not begun ahead",
+               "streaming": "ours + streaming transcription",
+               "sequential": "sequential (STT after the endpoint)",
                "non_streaming": "non-streaming (whole → whole → whole)"}
 
 
@@ -151,9 +153,12 @@ def voice_tables(voice: dict) -> list[str]:
              "| pipeline | " + " | ".join(STAGE_LABELS.values()) + " | total |",
              "|---|" + "---|" * (len(STAGE_LABELS) + 1)]
     for mode, label in MODE_LABELS.items():
+        if mode not in summary.get("waterfall", {}):
+            continue  # a variant that was not run
         lines.append(f"| {label} | " + " | ".join(cell(f"waterfall.{mode}.{s}") for s in STAGE_LABELS)
                      + f" | **{cell(f'waterfall.{mode}.silence_to_first_audio_s')}** |")
     cuts = summary.get("cut_offs", {})
+    stt = summary.get("transcription", {})
     lines += ["", "| voice measure | value |", "|---|---|",
               f"| ours ÷ non-streaming, replies of 3+ sentences | "
               f"{cell('ours_vs_non_streaming_3plus_sentences')} |",
@@ -162,8 +167,14 @@ def voice_tables(voice: dict) -> list[str]:
               f"{cell('transcription.after_endpoint_ours_vs_sequential')} |",
               f"| end of speech → transcript, ours ÷ sequential | "
               f"{cell('transcription.end_of_speech_to_transcript_ours_vs_sequential')} |",
-              f"| word error rate, ours / sequential | {cell('transcription.wer_ours')} / "
+              f"| word error rate (mean), ours / sequential | {cell('transcription.wer_ours')} / "
               f"{cell('transcription.wer_sequential')} |",
+              *(f"| {MODE_LABELS[m]}: word error rate / transcription after the endpoint ÷ "
+                f"sequential | {cell(f'transcription.wer_{m}')} / "
+                f"{cell(f'transcription.after_endpoint_{m}_vs_sequential')} |"
+                for m in ("streaming", "no_speculation") if f"wer_{m}" in stt),
+              f"| answers begun ahead of the endpoint (ours) | "
+              f"{cell('answers_begun_ahead.ours')} of {voice.get('questions')} |",
               f"| CPU s per minute of audio, ours / sequential | "
               f"{cell('transcription.cpu_s_per_audio_minute.ours')} / "
               f"{cell('transcription.cpu_s_per_audio_minute.sequential')} |",

@@ -2,13 +2,18 @@
 
     .venv/bin/python scripts/bench_voice.py [--quick] [--repeat 1] [--out bench_voice.json]
 
-Every question is a WAV ("Hey Jarvis." then the question; some with a 0.7 s pause mid-sentence)
-played into the daemon's own pipeline in real time, like a microphone. The silence the user
+Every question is a WAV ("Hey Jarvis." then the question; some with a 0.7 s pause mid-sentence,
+five of 4-6 s, two of those in espeak-ng's voice, the rest in piper's) played into the daemon's
+own pipeline in real time, like a microphone. The silence the user
 hears is measured from the clip's own end of speech (known from the generated audio) to the
 first sample handed to the speaker, and split per stage (endpoint, transcription, LLM to the
-first sentence, synthesis of it). Three ways, in the same run on the same models:
+first sentence, synthesis of it). Three ways, in the same run on the same models (``--modes``
+adds two variants of ours):
 
-- ``ours``: the default: transcription while the person talks, semantic end of turn;
+- ``ours``: the default: semantic end of turn (a transcription and judgement per pause), the
+  answer begun at a pause judged complete while the closing silence is counted;
+- ``streaming`` (a variant): ours with ``turn.streaming_stt`` (transcription passes while the
+  person talks); ``no_speculation`` (a variant): ours with ``turn.speculative_answer`` off;
 - ``sequential``: a fixed 0.6 s silence window, transcription after the endpoint (as Home
   Assistant's Assist does), streamed LLM and TTS;
 - ``non_streaming``: the sequential endpoint, then whole transcript → whole reply → whole
@@ -46,7 +51,7 @@ from companion.stages.sentences import split_sentences
 from scripts.bench_report import write_report
 from scripts.make_utterance_wav import make
 
-# (what is said; "|" = a 0.7 s pause mid-sentence)
+# (what is said; "|" = a 0.7 s pause mid-sentence; "espeak:" = said by espeak-ng, not piper)
 QUESTIONS = [
     "What is the capital of France?",
     "What is the capital of | Germany?",
@@ -54,8 +59,15 @@ QUESTIONS = [
     "How many legs | does an octopus have?",
     "Can you explain why the sky looks blue during the day?",
     "Who wrote Romeo and Juliet?",
+    # 4-6 s: where transcribing while the person talks could pay
+    "Could you tell me | how far away the moon is from the earth?",
+    "I would like to know what the weather is usually like in London during the winter.",
+    "Please give me a short recipe for pancakes | with bananas and honey.",
+    "espeak:What is the difference between | a crocodile and an alligator?",
+    "espeak:Tell me a short story about a dragon who loves to bake bread.",
 ]
 QUICK = [0, 1, 2]
+ESPEAK = "espeak:"
 STAGES = ["endpoint_s", "stt_s", "llm_first_sentence_s", "tts_first_audio_s"]
 GAP_S = 7.0  # quiet after each question: the reply is written and played meanwhile
 SPEECH_LEVEL = 400  # |sample| above this is speech when finding the clip's end of speech
@@ -65,7 +77,10 @@ MODES = {
     "ours": {},
     "sequential": {"turn": {"semantic": False, "streaming_stt": False},
                    "pipeline": {"speculative_stt": False}, "vad": {"silence_end_s": 0.6}},
+    "streaming": {"turn": {"streaming_stt": True}},
+    "no_speculation": {"turn": {"speculative_answer": False}},
 }
+BASE_MODES = ["ours", "sequential"]  # always run: the report compares them
 
 
 @dataclass
@@ -77,7 +92,7 @@ class Clip:
 
     @property
     def reference(self) -> str:
-        return normalize(self.text)
+        return normalize(self.text.removeprefix(ESPEAK))
 
     @property
     def speech_s(self) -> float:
@@ -101,6 +116,12 @@ def median(values: list[float | None]) -> float | None:
     return round(statistics.median(kept), 4) if kept else None
 
 
+def mean_wer(rows: list[dict], clips: list[Clip]) -> float | None:
+    rates = [word_error_rate(clips[i].reference, r["transcript"])
+             for i, r in enumerate(rows) if "transcript" in r]
+    return round(statistics.mean(rates), 4) if rates else None
+
+
 def word_error_rate(reference: str, hypothesis: str) -> float:
     import jiwer
 
@@ -120,7 +141,9 @@ def build_microphone(questions: list[str], workdir: Path) -> tuple[Path, list[Cl
     for i, text in enumerate(questions):
         wake = read_wav_16k_mono(make(workdir / f"w{i}.wav", wake="Hey Jarvis.", text=None,
                                       gap_s=0.0, tail_s=0.0))
-        question = read_wav_16k_mono(make(workdir / f"q{i}.wav", wake=None, text=text,
+        engine = "espeak" if text.startswith(ESPEAK) else "piper"
+        question = read_wav_16k_mono(make(workdir / f"q{i}.wav", wake=None,
+                                          text=text.removeprefix(ESPEAK), engine=engine,
                                           lead_s=0.8))
         start = len(pcm) / 32000
         first, last = speech_span(question)
@@ -180,6 +203,8 @@ def turn_measurements(events: list, clips: list[Clip], source: ClockedSource) ->
             ends = [e for e in turns[0] if e.type.value == "speech-end"]
             stt = first.get("stt-end")
             sentence = first.get("llm-sentence")
+            llm_start = first.get("llm-start")
+            row["speculative"] = bool(llm_start and llm_start.data.get("speculative"))
             play = first.get("playback-start")
             row["transcript"] = stt.data["text"] if stt else ""
             row["cut_off"] = len(ends) > 1 or len(turns) > 1 or not row["transcript"] or \
@@ -293,6 +318,7 @@ def waterfall(runs: list[dict]) -> dict:
 
 def report(modes: dict, clips: list[Clip]) -> dict:
     ours, seq = modes["ours"]["rows"], modes["sequential"]["rows"]
+    variants = [m for m in modes if m not in BASE_MODES]
     long_ones = [i for i, c in enumerate(clips) if c.speech_s >= LONG_UTTERANCE_S]
     pausy = [i for i, c in enumerate(clips) if "|" in c.text]
     three = [i for i, r in enumerate(seq) if r.get("non_streaming", {}).get("reply_sentences", 0) >= 3]
@@ -309,7 +335,10 @@ def report(modes: dict, clips: list[Clip]) -> dict:
                                         for r in seq]),
         },
         "waterfall": {"ours": waterfall(ours), "sequential": waterfall(seq),
-                      "non_streaming": waterfall([r.get("non_streaming", {}) for r in seq])},
+                      "non_streaming": waterfall([r.get("non_streaming", {}) for r in seq]),
+                      **{m: waterfall(modes[m]["rows"]) for m in variants}},
+        "answers_begun_ahead": {m: sum(1 for r in modes[m]["rows"] if r.get("speculative"))
+                                for m in modes},
         "ours_vs_non_streaming_3plus_sentences": ratio(
             [ours[i].get("silence_to_first_audio_s") for i in three],
             [seq[i]["non_streaming"]["silence_to_first_audio_s"] for i in three]),
@@ -321,10 +350,11 @@ def report(modes: dict, clips: list[Clip]) -> dict:
             "end_of_speech_to_transcript_ours_vs_sequential": ratio(
                 [ours[i].get("end_of_speech_to_transcript_s") for i in long_ones],
                 [seq[i].get("end_of_speech_to_transcript_s") for i in long_ones]),
-            "wer_ours": median([word_error_rate(clips[i].reference, r.get("transcript", ""))
-                                for i, r in enumerate(ours) if "transcript" in r]),
-            "wer_sequential": median([word_error_rate(clips[i].reference, r.get("transcript", ""))
-                                      for i, r in enumerate(seq) if "transcript" in r]),
+            # mean, not median: one bad transcript among many must show
+            **{f"wer_{m}": mean_wer(modes[m]["rows"], clips) for m in modes},
+            **{f"after_endpoint_{m}_vs_sequential": ratio(
+                [modes[m]["rows"][i].get("stt_after_endpoint_s") for i in long_ones],
+                [seq[i].get("stt_after_endpoint_s") for i in long_ones]) for m in variants},
             "cpu_s_per_audio_minute": {m: modes[m]["cpu_s_per_audio_minute"] for m in modes},
         },
         "cut_offs": {m: sum(1 for i in pausy if modes[m]["rows"][i].get("cut_off", True))
@@ -335,16 +365,17 @@ def report(modes: dict, clips: list[Clip]) -> dict:
     return summary
 
 
-async def bench(questions: list[str], workdir: Path) -> dict:
+async def bench(questions: list[str], workdir: Path, modes_run: list[str]) -> dict:
     tune_process()  # as the daemon runs
     mic, clips = await asyncio.to_thread(build_microphone, questions, workdir)
     modes = {}
-    for mode in MODES:
+    for mode in modes_run:
         modes[mode] = await run_mode(mode, mic, clips, workdir)
         gc.collect()
     return {"machine": {"cpus": psutil.cpu_count(), "python": sys.version.split()[0]},
             "questions": len(questions), "summary": report(modes, clips),
             "clips": [{"text": c.text, "speech_s": round(c.speech_s, 3)} for c in clips],
+            "modes_run": modes_run,
             "modes": modes}
 
 
@@ -353,13 +384,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="three questions (smoke test)")
     parser.add_argument("--repeat", type=int, default=1, help="ask every question this often")
     parser.add_argument("--out", type=Path, help="write the JSON here")
+    parser.add_argument("--modes", default="", help="variants of ours to add, comma-separated: "
+                        + ", ".join(m for m in MODES if m not in BASE_MODES)
+                        + " (default: all; none with --quick)")
     args = parser.parse_args(argv)
+    variants = [m for m in MODES if m not in BASE_MODES]
+    chosen = [m for m in args.modes.split(",") if m] if args.modes else (
+        [] if args.quick else variants)
+    if unknown := sorted(set(chosen) - set(variants)):
+        parser.error(f"unknown mode(s): {', '.join(unknown)}")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     configure_logging("warning", "console")
     questions = [QUESTIONS[i] for i in QUICK] if args.quick else QUESTIONS * args.repeat
     with tempfile.TemporaryDirectory(prefix="bench-voice-") as tmp:
-        result = asyncio.run(bench(questions, Path(tmp)))
+        result = asyncio.run(bench(questions, Path(tmp), [*BASE_MODES, *chosen]))
     write_report(result, args.out, summary=result["summary"])
     return 0
 

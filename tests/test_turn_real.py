@@ -79,6 +79,33 @@ def test_a_pause_mid_sentence_does_not_cut_the_question_and_a_finished_one_ends_
     assert any(e["end_reason"] == "incomplete" for e in judged)  # the pauses were judged
     # the finished question ends after a short silence, not the long window
     assert ends[2]["end_reason"] == "complete" and ends[2]["silence_s"] < 0.5, ends[2]
+    # each answer was begun at its final pause (judged complete), and each was kept once
+    starts = [e for e in events if e["type"] == "llm-start"]
+    assert len(starts) == 3 and all(e["speculative"] for e in starts), starts
+    assert len([e for e in events if e["type"] == "exchange-recorded"]) == 3
+
+
+def test_an_answer_begun_at_a_pause_is_dropped_when_the_question_goes_on(tmp_path):
+    """ "What is the capital of Germany" is a whole question: at its 0.25 s pause the answer
+    begins; then "and of France?" follows. Only the whole question is answered and kept."""
+    clip = make(tmp_path / "q.wav", wake="Hey Jarvis.",
+                text="What is the capital of Germany | and of France?", pause_s=0.22)
+    events_path = tmp_path / "events.jsonl"
+    result = companion("simulate", "--input", str(clip), "--output", str(tmp_path / "out.wav"),
+                       "--events", str(events_path), "--fast",
+                       env={"COMPANION_PIPELINE__FOLLOW_UP_WINDOW_S": "0",
+                            "COMPANION_PIPELINE__TURN_TIMEOUT_S": "300"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    events = read_events(events_path)
+    judged = [e for e in events if e["type"] == "end-of-turn"]
+    assert judged[0]["end_reason"] == "complete", judged  # the answer was begun there
+    assert len([e for e in events if e["type"] == "speech-end"]) == 1
+    starts = [e for e in events if e["type"] == "llm-start"]
+    kept = [e for e in events if e["type"] == "exchange-recorded"]
+    assert len(starts) == 1 and len(kept) == 1, (starts, kept)
+    assert "france" in kept[0]["user_text"].lower() and "germany" in kept[0]["user_text"].lower()
+    played = [e for e in events if e["type"] == "playback-start"]
+    assert played and all(e["turn_id"] == kept[0]["turn_id"] for e in played)
 
 
 def test_the_end_of_turn_check_reads_only_the_new_words():
