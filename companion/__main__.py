@@ -34,6 +34,7 @@ from companion.models import ModelMissingError
 from companion.models_cli import add_parser as add_models_parser
 from companion.models_cli import cmd_models
 from companion.settings import CompanionSettings, describe_validation_error, load_settings
+from companion.store import StorageError
 from companion.version import VERSION
 
 log = structlog.get_logger("companion")
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(commands[args.command](settings, args))
     except KeyboardInterrupt:
         return EXIT_OK
-    except (ModelMissingError, AudioFileError, AudioUnavailableError) as exc:
+    except (ModelMissingError, AudioFileError, AudioUnavailableError, StorageError) as exc:
         print(f"companion: {exc}", file=sys.stderr)
         return EXIT_FAILED
 

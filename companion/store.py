@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -96,6 +97,12 @@ _DISK_FAULTS = {"database or disk is full": "the disk is full",
                 "unable to open database file": "the database file cannot be opened"}
 
 
+_OPEN_FAULTS = {errno.EROFS: "the data directory is read-only",
+                errno.ENOSPC: "the disk is full",
+                errno.EACCES: "no permission to write the data directory",
+                errno.EPERM: "no permission to write the data directory"}
+
+
 def disk_fault(exc: BaseException) -> str | None:
     text = str(exc).lower()
     return next((fault for key, fault in _DISK_FAULTS.items() if key in text), None)
@@ -132,9 +139,17 @@ def _tighten(path: Path, mode: int) -> None:
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
-        if str(path) != ":memory:":
-            make_private(path)
-        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        try:
+            if str(path) != ":memory:":
+                make_private(path)
+            self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._conn.execute("PRAGMA user_version")  # opens the file now, not at first use
+        except (OSError, sqlite3.OperationalError) as exc:
+            fault = _OPEN_FAULTS.get(getattr(exc, "errno", None)) or disk_fault(exc)
+            if fault is None:
+                raise
+            raise StorageError(f"storage: cannot open {path}: {fault}; make it writable (or "
+                               "set data_dir) and start again") from exc
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.RLock()
         self.problem: str | None = None  # why the disk refuses writes, None while it takes them
