@@ -20,9 +20,13 @@ from tests.reliability.daemon import DAEMON, HOLD
 FAST_CHAT = {"message": "I take aspirin at noon."}
 
 
-def start(fleet: Fleet, name: str, **env: str) -> None:
-    fleet.start_daemon(name, args=DAEMON, env=env)
-    fleet.wait_ready(name, 60, linked="plane" in fleet.procs)
+def start(fleet: Fleet, *names: str, **env: str) -> None:
+    """Start these daemons (all at once: start-up is most of a test's time) and wait until
+    each is ready (and linked, when the plane runs). ``env`` applies to the first only."""
+    for i, name in enumerate(names):
+        fleet.start_daemon(name, args=DAEMON, env=env if i == 0 else {})
+    for name in names:
+        fleet.wait_ready(name, 60, linked="plane" in fleet.procs)
 
 
 def chat(fleet: Fleet, name: str, message: str, **extra) -> dict:
@@ -140,8 +144,7 @@ def test_kill_in_the_middle_of_a_handoff_out(fleet: Fleet):
     """Killed while saying goodbye, before the export was sent: the session stays here whole
     and active, the plane hears once that the handoff was interrupted, nothing is exported."""
     fleet.start_plane()
-    start(fleet, "kitchen", RELIABILITY_HOLD_TTS="passing our conversation")
-    start(fleet, "bedroom")
+    start(fleet, "kitchen", "bedroom", RELIABILITY_HOLD_TTS="passing our conversation")
     session = chat(fleet, "kitchen", FAST_CHAT["message"])["conversation_id"]
     status, body = http("POST", f"{fleet.plane}/handoff", {
         "from_device_id": "kitchen", "to_device_id": "bedroom", "notify_user": True}, timeout=10)
@@ -169,8 +172,7 @@ def test_kill_in_the_middle_of_a_handoff_in(fleet: Fleet):
     """The receiving daemon killed while it greets: the imported session is there whole and
     active, every ack and the export reach the plane once, nothing is imported twice."""
     fleet.start_plane()
-    start(fleet, "kitchen")
-    start(fleet, "bedroom", RELIABILITY_HOLD_TTS="Hello again")
+    start(fleet, "bedroom", "kitchen", RELIABILITY_HOLD_TTS="Hello again")
     session = chat(fleet, "kitchen", FAST_CHAT["message"])["conversation_id"]
     chat(fleet, "kitchen", "And vitamin D in the morning.")
     handed = turns(fleet.db("kitchen"), session)
