@@ -210,7 +210,8 @@ class Store:
             try:
                 result = work(self._conn)
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:  # SQLITE_FULL has already rolled it back
+                    self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
             return result

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from companion.settings import PROJECT_ROOT
-from companion.store import EXPORT_VERSION, Store
+from companion.store import EXPORT_VERSION, StorageError, Store
 
 
 def _turns(store: Store, session_id: str) -> dict[str, list[str]]:
@@ -287,3 +287,26 @@ def test_a_handoff_that_continues_the_local_history_replaces_it(tmp_path: Path) 
     stale = json.loads(json.dumps(doc))  # an older copy than what is here now
     assert here.import_session(stale).id != "ses_trip"
     assert len(here.messages("ses_trip")) == 4
+
+
+def test_a_full_database_refuses_whole_turns_and_recovers(tmp_path: Path) -> None:
+    """SQLITE_FULL (here from max_page_count; tests/reliability/test_disk.py fills a real
+    disk): the write is refused whole as StorageError, ``problem`` says why, nothing is left
+    half-open, and writes work again once ``probe`` finds room."""
+    changes: list[str | None] = []
+    store = Store(tmp_path / "c.db")
+    store.on_problem = changes.append
+    sid = store.create_session("companion").id
+    store.record_turn(sid, "t0", "kept", "yes", persona_id="companion", source="http")
+    pages = store.query("PRAGMA page_count")[0][0]
+    store.query(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StorageError, match="disk is full"):
+        store.record_turn(sid, "t1", "x" * 50_000, "y", persona_id="companion", source="http")
+    assert store.problem and "full" in store.problem and changes == [store.problem]
+    assert not store._conn.in_transaction
+    assert [m.turn_id for m in store.messages(sid)] == ["t0", "t0"]
+    store.query(f"PRAGMA max_page_count = {pages * 100}")
+    assert store.probe() and store.problem is None and changes[-1] is None
+    store.record_turn(sid, "t2", "x" * 50_000, "y", persona_id="companion", source="http")
+    assert [m.turn_id for m in store.messages(sid)] == ["t0", "t0", "t2", "t2"]
+    store.close()
