@@ -41,7 +41,14 @@ from companion.stages.turn import (
     is_instant_command,
     normalize_transcript,
 )
-from companion.stages.vad import Endpointer, EndpointResult, SegmentState, SpeechClassifier
+from companion.stages.vad import (
+    Endpointer,
+    EndpointResult,
+    GatedClassifier,
+    NoiseFloor,
+    SegmentState,
+    SpeechClassifier,
+)
 from companion.stages.wake import Detection, WakeDetector
 from companion.state import DeviceStatus, TurnTimings
 from companion.store import new_id
@@ -101,6 +108,7 @@ class VoiceLoop:
         self._rounds: dict[str, Round] = {}
         self._audio_clock = AudioClock(settings.audio.block_ms / 1000)  # when a word was heard
         self._ahead: dict[str, Speculation] = {}  # answers begun before the endpoint, by turn
+        self.noise_floor = NoiseFloor(block_s=settings.audio.block_ms / 1000)
 
     # --- the microphone pump --------------------------------------------------------------------
 
@@ -157,6 +165,8 @@ class VoiceLoop:
         if self._turn_audio is not None:
             _offer(self._turn_audio, block)
             return
+        if not self.busy:  # the room while idle (no reply, no user): what speech must rise above
+            self.noise_floor.observe(block)
         if self._speech_barges_in(block):
             return
         if self.wake is None or not self.settings.wake.enabled:
@@ -633,7 +643,7 @@ class _Listener:
         # the segmenter ends an utterance by itself only after the longest silence
         self.endpointer = Endpointer(
             vad_settings.model_copy(update={"silence_end_s": self.policy.longest_silence_s}),
-            loop.vad)
+            GatedClassifier(loop.vad, loop.noise_floor, vad_settings.noise_margin_db))
         self.speculate = settings.pipeline.speculative_stt or self.policy.semantic
         stt = loop.stt
         self.streaming = (StreamingTranscription(stt, language=settings.stt.language)
