@@ -508,7 +508,7 @@ def _real_llm(s: CompanionSettings, registry: ModelRegistry,
     from companion.stages.remote_llm import RemoteChatModel
 
     return FallbackChatModel(RemoteChatModel(s.llm), local, failures=s.llm.breaker_failures,
-                             reset_s=s.llm.breaker_reset_s)
+                             reset_s=s.llm.breaker_reset_s, fallback=s.llm.fallback)
 
 
 def _real_stt(s: CompanionSettings, registry: ModelRegistry,

@@ -240,6 +240,11 @@ class LlmSettings(_Section):
         30.0, gt=0.0, description="How long the breaker stays open before one turn tries the "
         "remote server again."
     )
+    fallback: bool = Field(
+        True, description="With `openai`: the local model answers when the remote one fails. "
+        "Off: the remote model only (a household that wants no answer from the small model); a "
+        "failure is then an error, and a voice turn says a short apology."
+    )
 
     @model_validator(mode="after")
     def _remote_needs_url(self) -> LlmSettings:

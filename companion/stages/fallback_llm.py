@@ -99,9 +99,10 @@ class FallbackChatModel:
     """``ChatModel``: ``remote`` first, ``local`` on failure; see the module docstring."""
 
     def __init__(self, remote: RemoteChatModel | Any, local: ChatModel | Any, *,
-                 failures: int = 2, reset_s: float = 30.0,
+                 failures: int = 2, reset_s: float = 30.0, fallback: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.remote = remote
+        self.fallback = fallback  # False: a remote failure is raised, the local model stays quiet
         self.local = local
         self.observers: list[Observer] = []
         self.breaker = CircuitBreaker(failures=failures, reset_s=reset_s, clock=clock,
@@ -141,6 +142,11 @@ class FallbackChatModel:
     ) -> AsyncIterator[str]:
         stats = stats if stats is not None else GenerationStats()
         said: list[str] = []
+        if not self.fallback:  # nothing to fall back to: no breaker, every turn tries the remote
+            async for delta in self.remote.stream(messages, params, stats, priority=priority):
+                yield delta
+            self.last_source = "remote"
+            return
         if not self.breaker.allow():
             reason, detail = "breaker_open", f"breaker open since {self.breaker.failures} failures"
         else:
