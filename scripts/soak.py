@@ -9,16 +9,23 @@ and a speaker that writes a WAV file. Around it, at once: chat requests on the H
 persona switches and pings from a dev control plane on 127.0.0.1, that control plane stopped
 and started again, and timers that ring.
 
-Reported: turns, errors (each with what it was), and at the start and the end the RSS, open
-files, threads and asyncio tasks; per ten-minute slice (or per run, when shorter) the p50/p99
-of end of speech → first audio of the voice turns. Exit 1 when any error occurred; the summary
-is one JSON line, last.
+The first ``--warmup-minutes`` run the same mix but are not measured: the first turns and
+persona switches allocate for good (llama.cpp's per-persona prompt states, whisper's and piper's
+buffers, the store's page cache), which is warm-up, not a leak. Measured from its end: turns,
+errors (each with what it was, warm-up included), and at the start and the end the RSS, open
+files, threads and asyncio tasks; per ten-minute slice (or per run, when shorter) the p50/p99 of
+end of speech → first audio, turns, errors and the resources at the slice's end; the RSS every
+sample and its trend (least squares, MB per ten minutes: a leak keeps climbing, warm-up levels
+off). RSS growth is given both from the end of warm-up (``rss_growth_percent``, the target) and
+from ready (``rss_growth_from_ready_percent``). Exit 1 when any error occurred; the summary is
+one JSON line, last.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import statistics
 import sys
 import tempfile
@@ -91,16 +98,20 @@ def percentiles(values: list[float]) -> dict[str, Any]:
 
 
 class Soak:
-    def __init__(self, minutes: float, workdir: Path) -> None:
+    def __init__(self, minutes: float, workdir: Path, *, warmup_minutes: float = 3.0,
+                 sample_s: float = 10.0) -> None:
         self.duration_s = minutes * 60
+        self.warmup_s = warmup_minutes * 60
+        self.sample_s = sample_s
         self.workdir = workdir
         self.errors: list[dict[str, Any]] = []
         self.turns: list[tuple[float, float | None]] = []  # (seconds into the run, e2e latency)
         self.counts = {"voice_turns": 0, "chats": 0, "persona_switches": 0, "timers_set": 0,
                        "timers_rang": 0, "plane_restarts": 0, "pings": 0}
-        self.started = 0.0
+        self.started = 0.0  # the end of warm-up: the measured run starts here (times are from it)
         self.plane: ControlPlane | None = None
         self.port = 0
+        self.samples: list[dict[str, Any]] = []
 
     def error(self, kind: str, detail: Any) -> None:
         self.errors.append({"at_s": round(time.monotonic() - self.started, 1), "kind": kind,
@@ -143,14 +154,16 @@ class Soak:
                 await self.plane.wait_connected("soak", within_s=60)
             host, port = app.http_addresses[0][:2]
             base = f"http://{host}:{port}"
-            self.started = time.monotonic()
-            start = resources()
+            self.started = time.monotonic() + self.warmup_s
+            ready = resources()
             drivers = [self.chats(base), self.timers(base), self.personas(),
-                       self.plane_restarts()]
+                       self.plane_restarts(), self.sample()]
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
                 self.http = http
                 tasks = [asyncio.create_task(d) for d in drivers]
                 try:
+                    await asyncio.sleep(self.warmup_s)
+                    start = resources()
                     await asyncio.sleep(self.duration_s)
                 finally:
                     for task in tasks:
@@ -167,13 +180,20 @@ class Soak:
             await app.aclose()
             await self.plane.stop()
             self.plane.close()
-        return self.summary(start, end)
+        return self.summary(ready, start, end)
 
     async def every(self, period_s: float, first_s: float):
         await asyncio.sleep(first_s)
         while True:
             yield
             await asyncio.sleep(period_s)
+
+    async def sample(self) -> None:
+        while True:
+            self.samples.append({"at_s": round(time.monotonic() - self.started, 1),
+                                 "turns": self.counts["voice_turns"],
+                                 "errors": len(self.errors), **resources()})
+            await asyncio.sleep(self.sample_s)
 
     async def chats(self, base: str) -> None:
         n = 0
@@ -230,30 +250,66 @@ class Soak:
             except TimeoutError:
                 self.error("control", "the device did not come back within 60 s")
 
-    def summary(self, start: dict, end: dict) -> dict[str, Any]:
-        slices: dict[int, list[float]] = {}
-        for at, e2e in self.turns:
-            if e2e is not None:
-                slices.setdefault(int(at // SLICE_S), []).append(e2e)
-        growth = (end["rss_mb"] - start["rss_mb"]) / start["rss_mb"] * 100
-        return {"minutes": round(self.duration_s / 60, 2), **self.counts,
+    def summary(self, ready: dict, start: dict, end: dict) -> dict[str, Any]:
+        measured = [x for x in self.samples if x["at_s"] >= 0]
+        slices = []
+        for k in range(max(1, math.ceil(self.duration_s / SLICE_S))):
+            lo, hi = k * SLICE_S, min((k + 1) * SLICE_S, self.duration_s)
+            e2e = [e for at, e in self.turns if lo <= at < hi and e is not None]
+            inside = [x for x in measured if lo <= x["at_s"] < hi + self.sample_s]
+            slices.append({
+                "minutes": f"{lo / 60:g}-{hi / 60:g}",
+                "turns": sum(1 for at, _ in self.turns if lo <= at < hi),
+                "errors": sum(1 for e in self.errors if lo <= e["at_s"] < hi),
+                "end_of_speech_to_first_audio": percentiles(e2e),
+                "start": _resources_of(inside[0]) if inside else None,
+                "end": _resources_of(inside[-1]) if inside else None,
+                "rss_max_mb": max((x["rss_mb"] for x in inside), default=None)})
+        return {"minutes": round(self.duration_s / 60, 2),
+                "warmup_minutes": round(self.warmup_s / 60, 2), **self.counts,
                 "errors": len(self.errors), "error_list": self.errors[:50],
-                "start": start, "end": end, "rss_growth_percent": round(growth, 2),
-                "end_of_speech_to_first_audio": {
-                    f"{k * 10}-{k * 10 + 10} min": percentiles(v) for k, v in sorted(slices.items())},
-                "all_turns": percentiles([e for _, e in self.turns if e is not None])}
+                "ready": ready, "start": start, "end": end,
+                "rss_growth_percent": _growth(start, end),
+                "rss_growth_from_ready_percent": _growth(ready, end),
+                "rss_trend_mb_per_10_min": _trend(measured),
+                "slices": slices,
+                "all_turns": percentiles([e for at, e in self.turns if at >= 0 and e is not None]),
+                "rss_samples": [[x["at_s"], x["rss_mb"]] for x in self.samples]}
+
+
+def _resources_of(sample: dict[str, Any]) -> dict[str, Any]:
+    return {k: sample[k] for k in ("at_s", "rss_mb", "open_files", "threads", "asyncio_tasks")}
+
+
+def _growth(before: dict[str, Any], after: dict[str, Any]) -> float:
+    return round((after["rss_mb"] - before["rss_mb"]) / before["rss_mb"] * 100, 2)
+
+
+def _trend(samples: list[dict[str, Any]]) -> float | None:
+    """Least-squares slope of RSS over time, in MB per ten minutes."""
+    if len(samples) < 3:
+        return None
+    slope = statistics.linear_regression([x["at_s"] for x in samples],
+                                         [x["rss_mb"] for x in samples]).slope
+    return round(slope * SLICE_S, 2)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0)
-    parser.add_argument("--quick", action="store_true", help="2 minutes (CI)")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 minutes after a 30-second warm-up (CI)")
+    parser.add_argument("--warmup-minutes", type=float, default=3.0,
+                        help="run, not measured, before the start figures are taken")
     parser.add_argument("--out", type=Path, help="also write the JSON summary here")
+    parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     minutes = 2.0 if args.quick else args.minutes
-    configure_logging("warning", "console")
+    warmup = 0.5 if args.quick else args.warmup_minutes
+    configure_logging(args.log_level, "console")
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
-        summary = asyncio.run(Soak(minutes, Path(tmp)).run())
+        summary = asyncio.run(Soak(minutes, Path(tmp), warmup_minutes=warmup,
+                                   sample_s=5.0 if args.quick else 10.0).run())
     write_report(summary, args.out)
     return 1 if summary["errors"] else 0
 
