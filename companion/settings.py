@@ -397,6 +397,9 @@ class ApiSettings(_Section):
         "file, one a line)."
     )
     rate_limit_per_minute: int = Field(60, ge=1, description="Requests per client IP per minute.")
+    max_concurrent_chats: int = Field(
+        4, ge=1, description="Chats generating or waiting for the model at once; one more is "
+        "answered 503 BUSY with Retry-After at once (voice turns go first and are not counted).")
     max_body_bytes: int = Field(65536, ge=1024, description="Largest request body.")
 
     @property

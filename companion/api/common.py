@@ -20,12 +20,13 @@ from companion.api.openapi import Route
 from companion.metrics import Metrics
 
 if TYPE_CHECKING:
-    from companion.api.ratelimit import RateLimiter
+    from companion.api.ratelimit import ChatSlots, RateLimiter
     from companion.app import App
 
 APP: web.AppKey[Any] = web.AppKey("companion_app", object)
 METRICS: web.AppKey[Metrics] = web.AppKey("companion_metrics", Metrics)
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("companion_rate_limiter", object)
+CHAT_SLOTS: web.AppKey[ChatSlots] = web.AppKey("companion_chat_slots", object)
 OPENAPI: web.AppKey[dict] = web.AppKey("companion_openapi", dict)
 PROCESS: web.AppKey[psutil.Process] = web.AppKey("companion_process", psutil.Process)
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)

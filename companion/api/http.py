@@ -20,10 +20,10 @@ from aiohttp import web
 
 from companion.actions import ALL_ACTIONS
 from companion.api import routes
-from companion.api.common import APP, LIMITER, METRICS, OPENAPI, PROCESS, bind
+from companion.api.common import APP, CHAT_SLOTS, LIMITER, METRICS, OPENAPI, PROCESS, bind
 from companion.api.middleware import auth_middleware, errors_middleware, on_prepare, ready_middleware
 from companion.api.openapi import add_commands, build_openapi
-from companion.api.ratelimit import RateLimiter, rate_limit_middleware
+from companion.api.ratelimit import ChatSlots, RateLimiter, rate_limit_middleware
 from companion.version import VERSION
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ def make_http_app(app: App) -> web.Application:
     web_app[APP] = app
     web_app[METRICS] = app.metrics
     web_app[LIMITER] = RateLimiter(api.rate_limit_per_minute)
+    web_app[CHAT_SLOTS] = ChatSlots(api.max_concurrent_chats)
     web_app[OPENAPI] = openapi_document()
     process = psutil.Process()
     process.cpu_percent(interval=None)  # start the CPU measurement window

@@ -1,10 +1,12 @@
-"""Per-client-IP rate limiting of /v1 (fixed one-minute windows)."""
+"""Per-client-IP rate limiting of /v1 (fixed one-minute windows), and the cap on chats that wait
+for the model at once (``ChatSlots``)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from aiohttp import web
 
@@ -56,3 +58,30 @@ async def rate_limit_middleware(request: web.Request, handler) -> web.StreamResp
                        {"retry_after": reset, "limit": request.app[LIMITER].limit},
                        {**headers, "Retry-After": str(reset)})
     return await handler(request)
+
+
+class ChatSlots:
+    """At most ``limit`` chats generating or queued for the one model thread. Without a cap a
+    burst queues for ever behind itself and every late request waits out the turn timeout (a
+    504 after a minute); with it the extra ones hear 503 at once, with a Retry-After from how
+    long recent chats took."""
+
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit, self.clock = limit, clock
+        self.active = 0
+        self.typical_s = 2.0  # moving average of a chat's duration (a first guess until measured)
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[None]:
+        if self.active >= self.limit:
+            wait = max(1, math.ceil(self.typical_s * self.active / self.limit))
+            raise ApiError(503, "BUSY", "too many chats at once; retry later",
+                           {"retry_after": wait, "active": self.active, "limit": self.limit},
+                           {"Retry-After": str(wait)})
+        self.active += 1
+        started = self.clock()
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self.typical_s = 0.8 * self.typical_s + 0.2 * (self.clock() - started)

@@ -14,7 +14,16 @@ from aiohttp_sse import sse_response
 
 from companion.actions import iso
 from companion.api import schemas as s
-from companion.api.common import METRICS, REQUEST_ID, SPEAKER, ApiError, app_of, route, timed
+from companion.api.common import (
+    CHAT_SLOTS,
+    METRICS,
+    REQUEST_ID,
+    SPEAKER,
+    ApiError,
+    app_of,
+    route,
+    timed,
+)
 from companion.conversation import Reply, SessionNotFoundError
 from companion.stages.sentences import SentenceSplitter
 from companion.store import StorageError
@@ -143,7 +152,7 @@ async def _generate(request: web.Request, body: s.ChatRequest, reply: Reply,
 
 
 @route("POST", "/v1/chat", summary="One chat turn", tag="chat", body=s.ChatRequest,
-       response=s.ChatResponse, errors=(404, 502, 504))
+       response=s.ChatResponse, errors=(404, 502, 503, 504))
 async def chat(request: web.Request, body: s.ChatRequest) -> s.ChatResponse:
     """The same LLM, persona and conversation store as voice turns: without conversation_id
     the device's active conversation continues (voice can pick it up), with one that
@@ -156,7 +165,8 @@ async def chat(request: web.Request, body: s.ChatRequest) -> s.ChatResponse:
     async def nothing(delta: str) -> None:
         return None
 
-    await _generate(request, body, reply, nothing)
+    with request.app[CHAT_SLOTS].take():
+        await _generate(request, body, reply, nothing)
     return s.ChatResponse(
         id=reply.turn_id, conversation_id=reply.session_id, content=reply.text,
         persona_id=reply.persona_id, model=getattr(app.llm, "model_name", "unknown"),
@@ -165,7 +175,7 @@ async def chat(request: web.Request, body: s.ChatRequest) -> s.ChatResponse:
 
 
 @route("POST", "/v1/chat/stream", summary="One chat turn as Server-Sent Events", tag="chat",
-       body=s.ChatRequest, media_type="text/event-stream", errors=(404,),
+       body=s.ChatRequest, media_type="text/event-stream", errors=(404, 503),
        events=(("message", s.StreamDelta), ("done", s.StreamDone), ("error", s.ErrorResponse)),
        response_description="`event: message` with `data: {\"delta\": ...}` per piece of the "
        "reply, then `event: done` with `data:` a StreamDone object (or `event: error` with an "
@@ -176,29 +186,30 @@ async def chat_stream(request: web.Request, body: s.ChatRequest) -> web.StreamRe
     _check_model(app, body.model)
     await _require_session(app, body.conversation_id)
     reply = Reply("", "", "", body.message)
-    async with sse_response(request, allow_all_methods=True, ping_interval=10,
-                            headers={"Cache-Control": "no-cache",
-                                     "X-Accel-Buffering": "no"}) as sse:
-        async def send(delta: str) -> None:
-            await sse.send(s.StreamDelta(delta=delta).model_dump_json(), event="message")
+    with request.app[CHAT_SLOTS].take():  # 503 before the stream starts
+        async with sse_response(request, allow_all_methods=True, ping_interval=10,
+                                headers={"Cache-Control": "no-cache",
+                                         "X-Accel-Buffering": "no"}) as sse:
+            async def send(delta: str) -> None:
+                await sse.send(s.StreamDelta(delta=delta).model_dump_json(), event="message")
 
-        try:
-            await _generate(request, body, reply, send)
-        except ApiError as exc:
-            error = s.ErrorResponse(error=s.ErrorBody(
-                code=exc.code, message=exc.message, details=exc.details,
-                request_id=request[REQUEST_ID]))
+            try:
+                await _generate(request, body, reply, send)
+            except ApiError as exc:
+                error = s.ErrorResponse(error=s.ErrorBody(
+                    code=exc.code, message=exc.message, details=exc.details,
+                    request_id=request[REQUEST_ID]))
+                with contextlib.suppress(ConnectionError, OSError):
+                    await sse.send(error.model_dump_json(), event="error")
+                return sse
+            except (ConnectionError, OSError):
+                log.info("chat stream client went away", request_id=request[REQUEST_ID])
+                return sse
+            done = s.StreamDone(id=reply.turn_id, tokens=_tokens(reply),
+                                conversation_id=reply.session_id, persona_id=reply.persona_id,
+                                model=getattr(app.llm, "model_name", "unknown"),
+                                latency_ms=round(reply.latency_ms, 1),
+                                spoken=request.get(SPEAKER) is not None)
             with contextlib.suppress(ConnectionError, OSError):
-                await sse.send(error.model_dump_json(), event="error")
-            return sse
-        except (ConnectionError, OSError):
-            log.info("chat stream client went away", request_id=request[REQUEST_ID])
-            return sse
-        done = s.StreamDone(id=reply.turn_id, tokens=_tokens(reply),
-                            conversation_id=reply.session_id, persona_id=reply.persona_id,
-                            model=getattr(app.llm, "model_name", "unknown"),
-                            latency_ms=round(reply.latency_ms, 1),
-                            spoken=request.get(SPEAKER) is not None)
-        with contextlib.suppress(ConnectionError, OSError):
-            await sse.send(done.model_dump_json(), event="done")
+                await sse.send(done.model_dump_json(), event="done")
     return sse
