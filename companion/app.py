@@ -270,7 +270,19 @@ class App:
             log.warning("audio device unavailable", component=component, error=str(exc))
             return None
         self.status.set_component(component, True, device.name)
+        if hasattr(device, "on_health"):
+            device.on_health = self._audio_health(component)
         return device
+
+    def _audio_health(self, component: str):
+        """A sound device that fails or recovers at run time: /ready/all, an event, the LED
+        (called on the event loop)."""
+        def report(healthy: bool, detail: str) -> None:
+            self.status.set_component(component, healthy, detail)
+            self.bus.emit(EventType.AUDIO_DEVICE, component=component, healthy=healthy,
+                          detail=detail)
+
+        return report
 
     async def _http_started(self) -> None:
         """Return when the HTTP API listens, or at once when run() serves none (or it failed)."""

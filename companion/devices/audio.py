@@ -9,12 +9,14 @@ whose rate is not 16 kHz is resampled with soxr.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import threading
 import time
 import wave
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import structlog
@@ -25,7 +27,12 @@ from companion.stages.tts import AudioClip
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
 PIPELINE_RATE = 16000
+STALL_S = 3.0  # a device stream with no audio this long is dead (PortAudio says nothing)
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 5.0  # reopening a dead device: backoff
+OPEN_TIMEOUT_S = 10.0  # opening or closing a stream on a sick sound server: given up after
+FIRST_CALLBACK_S = 5.0  # a new stream's first callback may take this long (a busy server)
 
 
 class AudioUnavailableError(RuntimeError):
@@ -101,7 +108,33 @@ def find_device(name: str | None, kind: str) -> tuple[int | None, dict]:
     raise AudioUnavailableError(f"{kind} device {name!r} not found; available: {names}")
 
 
-class SoundDeviceSource:
+class DeviceHealth:
+    """A sound device's health, told to the App (``on_health``: status, event, LED) and the log
+    when it changes; the same failure again (each retry) is not repeated."""
+
+    kind = "device"
+    name = ""
+    stall_s = STALL_S
+    healthy = True
+    _last_problem: str | None = None
+    on_health: Callable[[bool, str], None] | None = None
+
+    def _report(self, healthy: bool, detail: str) -> None:
+        if healthy == self.healthy and (healthy or detail == self._last_problem):
+            return
+        self.healthy = healthy
+        self._last_problem = None if healthy else detail
+        if healthy:
+            log.info(f"{self.kind} working again", device=self.name, detail=detail)
+        else:
+            log.error(f"{self.kind} failed", device=self.name, error=detail)
+        if self.on_health is not None:
+            self.on_health(healthy, detail)
+
+
+class SoundDeviceSource(DeviceHealth):
+    kind = "microphone"
+
     def __init__(self, device: str | None, *, block_ms: int = 30, queue_blocks: int = 200) -> None:
         self.device_index, info = find_device(device, "input")
         self.name = str(info["name"])
@@ -114,11 +147,40 @@ class SoundDeviceSource:
         self.device_rate = PIPELINE_RATE
 
     async def blocks(self) -> AsyncIterator[bytes]:
+        """Blocks for ever. A microphone that stops delivering (unplugged, the sound server
+        gone or restarted at another rate) is reported unhealthy and reopened with backoff until
+        it delivers again: the daemon neither restarts nor waits for ever on a dead stream."""
         import sounddevice as sd
 
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[bytes, float]] = asyncio.Queue(self.queue_blocks)
+        retry_s = RETRY_FIRST_S
+        while True:
+            queue: asyncio.Queue[tuple[bytes, float]] = asyncio.Queue(self.queue_blocks)
+            try:
+                stream = await _in_own_thread(
+                    functools.partial(self._start, sd, self._callback_into(queue, loop)),
+                    OPEN_TIMEOUT_S)
+            except TimeoutError:
+                self._report(False, f"microphone {self.name!r} did not open within "
+                                    f"{OPEN_TIMEOUT_S:g} s")
+            except AudioUnavailableError as exc:
+                self._report(False, str(exc))
+            else:
+                try:
+                    async for block in self._read(stream, queue):
+                        retry_s = RETRY_FIRST_S
+                        yield block
+                    self._report(False, f"microphone {self.name!r} delivered nothing for "
+                                        f"{self.stall_s:g} s; reopening it")
+                finally:
+                    # a dead server's stream can hang in close(): its own thread, not waited out
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.shield(_in_own_thread(
+                            functools.partial(_close_quietly, stream), OPEN_TIMEOUT_S))
+            await asyncio.sleep(retry_s)
+            retry_s = min(retry_s * 2, RETRY_MAX_S)
 
+    def _callback_into(self, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop):
         def enqueue(item: tuple[bytes, float]) -> None:
             if queue.full():
                 self.dropped_blocks += 1
@@ -132,21 +194,39 @@ class SoundDeviceSource:
                 age = frames / self.device_rate
             loop.call_soon_threadsafe(enqueue, (bytes(indata), time.monotonic() - age))
 
+        return callback
+
+    def _start(self, sd, callback):
         stream = self._open(sd, callback)
+        try:
+            stream.start()
+        except sd.PortAudioError as exc:
+            stream.close()
+            raise AudioUnavailableError(f"cannot start microphone {self.name!r}: {exc}") from exc
+        return stream
+
+    async def _read(self, stream, queue: asyncio.Queue) -> AsyncIterator[bytes]:
+        """The stream's blocks until it stalls."""
         resampler = None
         if self.device_rate != PIPELINE_RATE:
             import soxr
 
             resampler = soxr.ResampleStream(self.device_rate, PIPELINE_RATE, 1, dtype="int16")
         log.info("microphone open", device=self.name, rate=self.device_rate)
-        with stream:
-            while True:
-                block, captured_at = await queue.get()
-                self.last_block_at = time.monotonic()
-                self.last_block_time_s = self._steady(captured_at, len(block) / 2 / self.device_rate)
-                if resampler is not None:
-                    block = resampler.resample_chunk(np.frombuffer(block, np.int16)).tobytes()
-                yield block
+        wait_s = FIRST_CALLBACK_S + self.stall_s  # a new stream may take a while to start
+        while True:
+            try:
+                async with asyncio.timeout(wait_s):
+                    block, captured_at = await queue.get()
+            except TimeoutError:
+                return
+            wait_s = self.stall_s
+            self._report(True, f"{self.name} at {self.device_rate} Hz")
+            self.last_block_at = time.monotonic()
+            self.last_block_time_s = self._steady(captured_at, len(block) / 2 / self.device_rate)
+            if resampler is not None:
+                block = resampler.resample_chunk(np.frombuffer(block, np.int16)).tobytes()
+            yield block
 
     def _steady(self, captured_at: float, block_s: float) -> float:
         """The capture clock is continuous: a block starts where the last one ended, unless
@@ -173,10 +253,12 @@ class SoundDeviceSource:
         raise AudioUnavailableError(f"cannot open microphone {self.name!r}: {last}")
 
 
-class SoundDeviceSink:
+class SoundDeviceSink(DeviceHealth):
     """One output stream kept open (opening one per reply costs first-audio latency), fed by
     PortAudio's callback from a buffer: stopping (barge-in) just empties the buffer, so no
     thread is ever writing to a stream that is being aborted or closed."""
+
+    kind = "speaker"
 
     def __init__(self, device: str | None, *, volume: float = 0.8) -> None:
         self.device_index, info = find_device(device, "output")
@@ -193,8 +275,15 @@ class SoundDeviceSink:
         self.reference: PlaybackReference | None = None  # the echo canceller's far end
         self._pending16 = bytearray()  # the same audio at 16 kHz, for the reference
         self._carry16 = 0.0  # fractional 16 kHz samples owed by the last callback
+        self._last_callback = self._opened_at = 0.0  # monotonic: liveness of the stream
+
+    def _silent_for(self) -> float:
+        """Seconds since the stream last asked for audio; a new stream gets ``FIRST_CALLBACK_S``
+        to start (a sound server under load can take over a second)."""
+        return time.monotonic() - max(self._last_callback, self._opened_at + FIRST_CALLBACK_S)
 
     def _callback(self, outdata, frames, time_info, status) -> None:  # PortAudio's thread
+        self._last_callback = time.monotonic()
         wanted = len(outdata)
         with self._lock:
             chunk = bytes(self._pending[:wanted])
@@ -247,7 +336,12 @@ class SoundDeviceSink:
                 last = exc
         else:
             raise AudioUnavailableError(f"cannot open speaker {self.name!r}: {last}")
-        self._stream.start()
+        try:
+            self._stream.start()
+            self._opened_at = time.monotonic()
+        except sd.PortAudioError as exc:
+            self.close()
+            raise AudioUnavailableError(f"cannot start speaker {self.name!r}: {exc}") from exc
         return self._stream
 
     async def play(self, clip: AudioClip) -> None:
@@ -255,7 +349,14 @@ class SoundDeviceSink:
             self._ensure_stream(clip.sample_rate)
             return apply_volume(resample(clip.pcm, clip.sample_rate, self._rate), self.volume)
 
-        pcm = await asyncio.to_thread(prepare)
+        try:
+            pcm = await _in_own_thread(prepare, OPEN_TIMEOUT_S)
+        except TimeoutError:
+            self._report(False, f"speaker {self.name!r} did not open within {OPEN_TIMEOUT_S:g} s")
+            return
+        except AudioUnavailableError as exc:  # the device is gone: said, and tried next clip
+            self._report(False, str(exc))
+            return
         if not pcm:
             return
         self._loop = asyncio.get_running_loop()
@@ -266,10 +367,22 @@ class SoundDeviceSink:
             self._pending16.extend(apply_volume(ref16, self.volume))
             self._drained = drained
         try:
-            await drained.wait()
+            while not drained.is_set():
+                try:
+                    async with asyncio.timeout(0.25):
+                        await drained.wait()
+                except TimeoutError:
+                    if self._silent_for() > self.stall_s:
+                        # the device stopped taking audio (unplugged, the sound server gone):
+                        # report it, drop the clip and the stream; the next clip opens a new one
+                        with contextlib.suppress(TimeoutError):
+                            await _in_own_thread(self.close, OPEN_TIMEOUT_S)
+                        self._report(False, f"speaker {self.name!r} stopped playing; reopening it")
+                        return
         except asyncio.CancelledError:
             self.stop()
             raise
+        self._report(True, f"{self.name} at {self._rate} Hz")
 
     def stop(self) -> None:
         """Silence at once: what has not been handed to the device yet is dropped."""
@@ -281,9 +394,47 @@ class SoundDeviceSink:
 
     def close(self) -> None:
         self.stop()
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
+        stream, self._stream = self._stream, None  # detached first: a close that hangs keeps no
+        if stream is not None:                     # dead stream for the next clip
+            _close_quietly(stream)
+
+
+async def _in_own_thread(fn: Callable[[], T], timeout_s: float) -> T:
+    """``fn()`` in a thread of its own, waited for at most ``timeout_s``: PortAudio can hang for
+    good on a sound server that died (open, close), and a hung call must not hold a thread of
+    the shared pool (the store and the models use it) nor the caller."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # handed to the awaiting task
+            loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=run, name="audio-device", daemon=True).start()
+    async with asyncio.timeout(timeout_s):
+        return await asyncio.shield(future)
+
+
+def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if future.done():  # the waiter gave up; close what arrived late
+        if exc is None and hasattr(result, "close"):
+            _close_quietly(result)
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+def _close_quietly(stream) -> None:
+    try:
+        stream.close()
+    except Exception:  # the device or the server is gone already
+        log.debug("closing an audio stream failed", exc_info=True)
 
 
 # --- simulation: WAV files ------------------------------------------------------------------

@@ -7,7 +7,6 @@ the burst is answered (voice goes first on the model thread: companion/stages/ll
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from scripts.make_utterance_wav import make
 from tests.fakes import FakeChatModel
 from tests.http_helpers import start_api
 from tests.pulse import private_pulseaudio
-from tests.test_control_daemon import Fleet, free_port, http, until
+from tests.reliability.pulse_daemon import say, start_pulse_daemon
+from tests.test_control_daemon import http, until
 
 
 async def test_chats_past_the_cap_are_refused_at_once_with_retry_after(aiohttp_client, tmp_path):
@@ -69,17 +69,8 @@ def test_fifty_chats_and_a_thousand_states_queue_or_are_refused_and_voice_still_
     question = make(tmp_path / "q.wav", wake="Hey Jarvis.", text="What is the capital of France?",
                     gap_s=0.6, tail_s=2.0)
     with private_pulseaudio(tmp_path) as env:
-        subprocess.run(["pactl", "load-module", "module-null-sink", "sink_name=room",
-                        "rate=16000", "channels=1"], env=env, check=True, capture_output=True)
-        fleet = Fleet(tmp_path)
-        port = fleet.api_ports.setdefault("dev", free_port())
-        fleet._spawn("dev", ["-m", "companion", "run"], {
-            **env, "PULSE_SOURCE": "room.monitor", "PULSE_SINK": "vspeaker",
-            "COMPANION_DEVICE_ID": "dev", "COMPANION_DATA_DIR": str(tmp_path / "dev"),
-            "COMPANION_API__PORT": str(port), "COMPANION_GPIO__ENABLED": "false",
-            "COMPANION_LOG_FORMAT": "json", "COMPANION_AUDIO__INPUT_DEVICE": "pulse",
-            "COMPANION_AUDIO__OUTPUT_DEVICE": "pulse", "COMPANION_PIPELINE__FOLLOW_UP_WINDOW_S": "0",
-            "COMPANION_PIPELINE__TURN_TIMEOUT_S": "120", "COMPANION_LLM__MAX_TOKENS": "24"})
+        fleet = start_pulse_daemon(tmp_path, env, COMPANION_PIPELINE__TURN_TIMEOUT_S="300",
+                                   COMPANION_LLM__MAX_TOKENS="24")
         try:
             base = fleet.api("dev")
             until(lambda: fleet.ready("dev"), 150, "the daemon ready")
@@ -87,8 +78,7 @@ def test_fifty_chats_and_a_thousand_states_queue_or_are_refused_and_voice_still_
             async def scenario():
                 burst = asyncio.create_task(_burst(base))
                 await asyncio.sleep(0.5)  # the chats are queued: now the user speaks
-                await asyncio.to_thread(subprocess.run, ["paplay", "--device=room", str(question)],
-                                        env=env, check=True, timeout=60)
+                await asyncio.to_thread(say, env, question)
                 return await burst
 
             chats, states = asyncio.run(scenario())

@@ -1,0 +1,123 @@
+"""The sound devices failing while the daemon runs: the PulseAudio server it records from and
+plays to is killed (the microphone and the speaker vanish), then comes back at another sample
+rate. The daemon shows the error (``/ready/all``, the log, an ``audio-device`` event, the LED)
+and recovers by itself: same process, no crash loop, and the next voice turn is answered."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from companion.devices.audio import SoundDeviceSink
+from companion.events import EventType, PipelineState
+from companion.stages.tts import AudioClip
+from scripts.make_utterance_wav import make
+from tests.conftest import make_settings
+from tests.pulse import private_pulseaudio
+from tests.reliability.pulse_daemon import say, start_pulse_daemon
+from tests.test_arbitration_real import log_events
+from tests.test_control_daemon import http
+from tests.test_control_daemon import until as until_blocking
+from tests.test_gpio import GPIO_FEATURES, fake_app
+
+
+async def test_a_failing_sound_device_turns_the_led_to_the_error_look_until_it_recovers(tmp_path):
+    settings = make_settings(tmp_path, gpio={"enabled": True, "pin_factory": "mock"})
+    app = fake_app(settings, features=GPIO_FEATURES)
+    await app.start()
+    app._start_gpio()
+    led = app.led
+    idle = led.last_look
+    app.bus.emit(EventType.AUDIO_DEVICE, component="audio_in", healthy=False, detail="gone")
+    error_look = led.last_look
+    assert error_look != idle and error_look[1] == "blink"
+    app.bus.emit(EventType.STATE_CHANGED, state=str(PipelineState.IDLE), previous="idle")
+    assert led.last_look == error_look  # still down: the state does not hide it
+    app.bus.emit(EventType.AUDIO_DEVICE, component="audio_in", healthy=True, detail="back")
+    assert led.last_look == idle
+    await app.aclose()
+
+
+class DeadStream:
+    """A PortAudio output stream whose device went away: its callback never comes again."""
+
+    latency = 0.0
+
+    def close(self) -> None:
+        raise OSError("device gone")
+
+
+@pytest.mark.audio
+def test_a_speaker_that_stops_playing_is_reported_and_reopened(tmp_path):
+    with private_pulseaudio(tmp_path):
+        sink = SoundDeviceSink("pulse")
+        sink.stall_s = 1.5
+        seen: list[tuple[bool, str]] = []
+        sink.on_health = lambda healthy, detail: seen.append((healthy, detail))
+        clip = AudioClip(b"\x00\x10" * 1600, 16000)
+
+        async def scenario() -> None:
+            async with asyncio.timeout(20):
+                await sink.play(clip)  # a working stream
+                sink._stream.close()  # its callback stops, as when the device goes away
+                sink._stream, sink._requested_rate = DeadStream(), 16000
+                await sink.play(clip)  # the callback never comes: not a wait for ever
+                assert seen == [(False, f"speaker {sink.name!r} stopped playing; reopening it")]
+                assert sink._stream is None
+                await sink.play(clip)  # a new stream
+
+        try:
+            asyncio.run(scenario())
+            assert seen[-1][0] and not isinstance(sink._stream, DeadStream), seen
+        finally:
+            sink.close()
+
+
+def _restart_pulse(env: dict[str, str], rate: int) -> None:
+    subprocess.run(["pulseaudio", "--daemonize=yes", "--exit-idle-time=-1", "--disallow-exit", "-n",
+                    "--load=module-native-protocol-unix",
+                    f"--load=module-null-sink sink_name=vspeaker rate={rate} channels=1",
+                    f"--load=module-null-sink sink_name=room rate={rate} channels=1",
+                    "--load=module-always-sink"], env=env, check=True, capture_output=True,
+                   timeout=20)
+    until_blocking(lambda: subprocess.run(["pactl", "info"], env=env,
+                                          capture_output=True).returncode == 0, 10, "pulseaudio")
+
+
+@pytest.mark.models
+@pytest.mark.audio
+def test_the_sound_server_dying_and_returning_at_another_rate_is_survived(tmp_path: Path):
+    question = make(tmp_path / "q.wav", wake="Hey Jarvis.", text="What time is it?",
+                    gap_s=0.6, tail_s=2.0)
+    with private_pulseaudio(tmp_path) as env:
+        fleet = start_pulse_daemon(tmp_path, env)
+        process = fleet.procs["dev"]
+        base = fleet.api("dev")
+
+        def audio_in() -> dict:
+            return http("GET", f"{base}/ready/all", timeout=10)[1]["components"]["audio_in"]
+
+        def answered() -> int:
+            return len(log_events(fleet, "dev", "local command"))
+
+        try:
+            until_blocking(lambda: fleet.ready("dev") and audio_in()["healthy"], 150, "ready")
+            subprocess.run(["pulseaudio", "--kill"], env=env, check=True, timeout=20)
+            until_blocking(lambda: not audio_in()["healthy"], 30, "the microphone seen down")
+            assert http("GET", f"{base}/ready/all", timeout=10)[1]["status"] == "degraded"
+            assert log_events(fleet, "dev", "microphone failed")
+            assert http("GET", f"{base}/health", timeout=10)[0] == 200  # serving meanwhile
+
+            _restart_pulse(env, 48000)  # back, at another sample rate
+            until_blocking(lambda: audio_in()["healthy"], 60, "the microphone back")
+            assert log_events(fleet, "dev", "microphone working again")
+            failures = len(log_events(fleet, "dev", "microphone failed"))
+            assert failures <= 3, failures  # each retry is not a new line (no log flood)
+            say(env, question)
+            until_blocking(lambda: answered() >= 1, 120, "the voice turn after recovery")
+            assert process.poll() is None and fleet.procs["dev"] is process  # never restarted
+        finally:
+            fleet.stop_all()
