@@ -16,11 +16,9 @@ from companion.events import EventType, PipelineState
 from companion.stages.tts import AudioClip
 from scripts.make_utterance_wav import make
 from tests.conftest import make_settings
+from tests.processes import Fleet, http, until
 from tests.pulse import private_pulseaudio
 from tests.reliability.pulse_daemon import say, start_pulse_daemon
-from tests.test_arbitration_real import log_events
-from tests.test_control_daemon import http
-from tests.test_control_daemon import until as until_blocking
 from tests.test_gpio import GPIO_FEATURES, fake_app
 
 
@@ -83,17 +81,18 @@ def _restart_pulse(env: dict[str, str], rate: int) -> None:
                     f"--load=module-null-sink sink_name=room rate={rate} channels=1",
                     "--load=module-always-sink"], env=env, check=True, capture_output=True,
                    timeout=20)
-    until_blocking(lambda: subprocess.run(["pactl", "info"], env=env,
+    until(lambda: subprocess.run(["pactl", "info"], env=env,
                                           capture_output=True).returncode == 0, 10, "pulseaudio")
 
 
 @pytest.mark.models
 @pytest.mark.audio
-def test_the_sound_server_dying_and_returning_at_another_rate_is_survived(tmp_path: Path):
+def test_the_sound_server_dying_and_returning_at_another_rate_is_survived(tmp_path: Path,
+                                                                          fleet: Fleet):
     question = make(tmp_path / "q.wav", wake="Hey Jarvis.", text="What time is it?",
                     gap_s=0.6, tail_s=2.0)
     with private_pulseaudio(tmp_path) as env:
-        fleet = start_pulse_daemon(tmp_path, env)
+        start_pulse_daemon(fleet, env)
         process = fleet.procs["dev"]
         base = fleet.api("dev")
 
@@ -101,23 +100,23 @@ def test_the_sound_server_dying_and_returning_at_another_rate_is_survived(tmp_pa
             return http("GET", f"{base}/ready/all", timeout=10)[1]["components"]["audio_in"]
 
         def answered() -> int:
-            return len(log_events(fleet, "dev", "local command"))
+            return len(fleet.log("dev", "local command"))
 
         try:
-            until_blocking(lambda: fleet.ready("dev") and audio_in()["healthy"], 150, "ready")
+            until(lambda: fleet.ready("dev") and audio_in()["healthy"], 150, "ready")
             subprocess.run(["pulseaudio", "--kill"], env=env, check=True, timeout=20)
-            until_blocking(lambda: not audio_in()["healthy"], 30, "the microphone seen down")
+            until(lambda: not audio_in()["healthy"], 30, "the microphone seen down")
             assert http("GET", f"{base}/ready/all", timeout=10)[1]["status"] == "degraded"
-            assert log_events(fleet, "dev", "microphone failed")
+            assert fleet.log("dev", "microphone failed")
             assert http("GET", f"{base}/health", timeout=10)[0] == 200  # serving meanwhile
 
             _restart_pulse(env, 48000)  # back, at another sample rate
-            until_blocking(lambda: audio_in()["healthy"], 60, "the microphone back")
-            assert log_events(fleet, "dev", "microphone working again")
-            failures = len(log_events(fleet, "dev", "microphone failed"))
+            until(lambda: audio_in()["healthy"], 60, "the microphone back")
+            assert fleet.log("dev", "microphone working again")
+            failures = len(fleet.log("dev", "microphone failed"))
             assert failures <= 3, failures  # each retry is not a new line (no log flood)
             say(env, question)
-            until_blocking(lambda: answered() >= 1, 120, "the voice turn after recovery")
+            until(lambda: answered() >= 1, 120, "the voice turn after recovery")
             assert process.poll() is None and fleet.procs["dev"] is process  # never restarted
         finally:
             fleet.stop_all()

@@ -16,9 +16,9 @@ import pytest
 from scripts.make_utterance_wav import make
 from tests.fakes import FakeChatModel
 from tests.http_helpers import start_api
+from tests.processes import Fleet, http, until
 from tests.pulse import private_pulseaudio
 from tests.reliability.pulse_daemon import say, start_pulse_daemon
-from tests.test_control_daemon import http, until
 
 
 async def test_chats_past_the_cap_are_refused_at_once_with_retry_after(aiohttp_client, tmp_path):
@@ -65,12 +65,12 @@ async def _burst(base: str) -> tuple[list[tuple[int, str | None]], list[tuple[in
 @pytest.mark.models
 @pytest.mark.audio
 def test_fifty_chats_and_a_thousand_states_queue_or_are_refused_and_voice_still_answers(
-        tmp_path: Path):
+        tmp_path: Path, fleet: Fleet):
     question = make(tmp_path / "q.wav", wake="Hey Jarvis.", text="What is the capital of France?",
                     gap_s=0.6, tail_s=2.0)
     with private_pulseaudio(tmp_path) as env:
-        fleet = start_pulse_daemon(tmp_path, env, COMPANION_PIPELINE__TURN_TIMEOUT_S="300",
-                                   COMPANION_LLM__MAX_TOKENS="24")
+        start_pulse_daemon(fleet, env, COMPANION_PIPELINE__TURN_TIMEOUT_S="300",
+                           COMPANION_LLM__MAX_TOKENS="24")
         try:
             base = fleet.api("dev")
             until(lambda: fleet.ready("dev"), 150, "the daemon ready")
