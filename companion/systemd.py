@@ -39,6 +39,11 @@ def healthy(app: App, lag_s: float) -> tuple[bool, str]:
     source = app.voice.source if app.voice is not None else None
     if source is not None and not app.voice.source_ended.is_set():  # type: ignore[union-attr]
         quiet = time.monotonic() - source.last_block_at
+        if not getattr(source, "healthy", True):
+            # a sound device that died is being reopened by the source itself (audio_in in
+            # /ready/all says so): a restart would not bring it back sooner, and without the
+            # device it would become a restart loop
+            return True, "the microphone is down and being reopened"
         if quiet > MAX_AUDIO_SILENCE_S:
             return False, f"no audio from the microphone for {quiet:.0f}s"
     return True, "ok"

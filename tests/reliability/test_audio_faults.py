@@ -120,3 +120,22 @@ def test_the_sound_server_dying_and_returning_at_another_rate_is_survived(tmp_pa
             assert process.poll() is None and fleet.procs["dev"] is process  # never restarted
         finally:
             fleet.stop_all()
+
+
+async def test_the_watchdog_leaves_a_microphone_being_reopened_to_its_source(tmp_path):
+    """systemd's watchdog restarts a daemon whose microphone went quiet unnoticed; one whose
+    source says it is down and reopening it is not restarted (that would loop without the
+    device)."""
+    import time
+
+    from companion import systemd
+    from tests.fakes import FakeMic
+
+    mic = FakeMic([])
+    app = fake_app(make_settings(tmp_path), source=mic)
+    await app.start()
+    mic.last_block_at = time.monotonic() - 3600
+    assert not systemd.healthy(app, 0.0)[0]  # quiet, and nobody knows why
+    mic.healthy = False
+    assert systemd.healthy(app, 0.0) == (True, "the microphone is down and being reopened")
+    await app.aclose()
