@@ -115,8 +115,14 @@ def test_the_sound_server_dying_and_returning_at_another_rate_is_survived(tmp_pa
             assert fleet.log("dev", "microphone working again")
             failures = len(fleet.log("dev", "microphone failed"))
             assert failures <= 3, failures  # each retry is not a new line (no log flood)
-            say(env, question)
-            until(lambda: answered() >= 1, 120, "the voice turn after recovery")
+            for _ in range(3):  # a loaded machine can drop the wake word's blocks: say it again
+                say(env, question)
+                try:
+                    until(lambda: answered() >= 1, 60, "the voice turn after recovery")
+                    break
+                except TimeoutError:
+                    continue
+            assert answered() >= 1, "no voice turn answered after the microphone came back"
             assert process.poll() is None and fleet.procs["dev"] is process  # never restarted
         finally:
             fleet.stop_all()

@@ -47,7 +47,7 @@ async def test_chats_past_the_cap_are_refused_at_once_with_retry_after(aiohttp_c
 
 
 async def _burst(base: str) -> tuple[list[tuple[int, str | None]], list[tuple[int, str | None]]]:
-    timeout = aiohttp.ClientTimeout(total=180)
+    timeout = aiohttp.ClientTimeout(total=330)  # the daemon's turn timeout is 300 s
     connector = aiohttp.TCPConnector(limit=100)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         async def one(method: str, path: str, body: dict | None = None) -> tuple[int, str | None]:
