@@ -136,7 +136,8 @@ async def test_the_daemon_rides_out_a_misbehaving_control_plane(tmp_path: Path, 
             # 401, then accepted again
             proxy.refuse_401 = True
             proxy.drop_all()
-            await until(lambda: fleet.log("dev", "control plane refused the device token"), 30,
+            await until(lambda: fleet.log(
+                "dev", "control plane refused the device token; check control_plane.token"), 60,
                         what="the 401 seen", every_s=0.2)
             await chat()
             proxy.refuse_401 = False
