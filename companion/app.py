@@ -279,6 +279,7 @@ class App:
         (called on the event loop)."""
         def report(healthy: bool, detail: str) -> None:
             self.status.set_component(component, healthy, detail)
+            self.status.set_fault(component, None if healthy else detail)  # the LED, at rest
             self.bus.emit(EventType.AUDIO_DEVICE, component=component, healthy=healthy,
                           detail=detail)
 

@@ -58,7 +58,6 @@ class LedIndicator:
         self.state = PipelineState.IDLE
         self.override_until = 0.0
         self.last_look: tuple[tuple[float, float, float], str] | None = None
-        self.device_faults: set[str] = set()  # sound devices down: the LED shows the error
         self._unsubscribe = bus.add_callback(self.on_event)
         self.show_state()
 
@@ -69,14 +68,6 @@ class LedIndicator:
                 self.show_state()
         elif event.type is EventType.PERSONA_SWITCHED and time.monotonic() >= self.override_until:
             self.show_state()
-        elif event.type is EventType.AUDIO_DEVICE:
-            fault = str(event.data["component"])
-            if event.data["healthy"]:
-                self.device_faults.discard(fault)
-            else:
-                self.device_faults.add(fault)
-            if time.monotonic() >= self.override_until:
-                self.show_state()
 
     def override(self, color: str, pattern: str, duration_ms: int) -> None:
         self.override_until = time.monotonic() + duration_ms / 1000
@@ -89,7 +80,7 @@ class LedIndicator:
             self.show_state()
 
     def show_state(self) -> None:
-        color, pattern = STATE_LOOK[PipelineState.ERROR if self.device_faults else self.state]
+        color, pattern = STATE_LOOK[self.state]
         if color is None:
             color = hex_to_rgb(self.persona_color())
         if pattern == "dim":

@@ -27,15 +27,19 @@ async def test_a_failing_sound_device_turns_the_led_to_the_error_look_until_it_r
     app = fake_app(settings, features=GPIO_FEATURES)
     await app.start()
     app._start_gpio()
-    led = app.led
+    led, report = app.led, app._audio_health("audio_in")  # what a real SoundDeviceSource calls
+    events = []
+    app.bus.add_callback(lambda e: events.append(e.data) if e.type is EventType.AUDIO_DEVICE
+                         else None)
     idle = led.last_look
-    app.bus.emit(EventType.AUDIO_DEVICE, component="audio_in", healthy=False, detail="gone")
-    error_look = led.last_look
-    assert error_look != idle and error_look[1] == "blink"
-    app.bus.emit(EventType.STATE_CHANGED, state=str(PipelineState.IDLE), previous="idle")
-    assert led.last_look == error_look  # still down: the state does not hide it
-    app.bus.emit(EventType.AUDIO_DEVICE, component="audio_in", healthy=True, detail="back")
-    assert led.last_look == idle
+    report(False, "gone")
+    assert led.state is PipelineState.ERROR and led.last_look != idle
+    assert app.status.components["audio_in"] == {"healthy": False, "detail": "gone",
+                                                  "latency_ms": None}
+    report(True, "back")
+    assert led.state is PipelineState.IDLE and led.last_look == idle
+    assert events == [{"component": "audio_in", "healthy": False, "detail": "gone"},
+                      {"component": "audio_in", "healthy": True, "detail": "back"}]
     await app.aclose()
 
 
