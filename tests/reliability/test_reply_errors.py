@@ -30,9 +30,8 @@ SECOND_ANSWER = "Two plus two is four."
 
 
 class DyingLLMServer:
-    """An OpenAI-compatible chat endpoint on 127.0.0.1: the first streamed reply breaks off after
-    a sentence and a half (the connection is cut, as when the server is killed); later ones are
-    whole."""
+    """An OpenAI-compatible chat endpoint on 127.0.0.1: a reply about the sea breaks off after a
+    sentence and a half (the connection is cut, as when the server is killed); others are whole."""
 
     def __init__(self) -> None:
         self.requests = 0
@@ -61,11 +60,12 @@ class DyingLLMServer:
         return f"data: {json.dumps(data)}\n\n".encode()
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        await request.json()
+        body = await request.json()
         self.requests += 1
+        asked = str(body["messages"][-1]["content"]).lower()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        if self.requests == 1:
+        if "sea" in asked:  # every answer about the sea breaks off (a speculative one too)
             for piece in ("The sea is ", "very big. ", "It covers "):
                 await response.write(self._chunk(piece))
                 await asyncio.sleep(0.05)
@@ -102,7 +102,7 @@ async def test_the_llm_dying_mid_reply_is_an_apology_then_the_next_turn_works(tm
     assert process.returncode == 0, stderr.decode()[-3000:]
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     starts = [e["turn_id"] for e in events if e["type"] == "turn-start"]
-    assert len(starts) == 2 and server.requests == 2, (starts, server.requests)
+    assert len(starts) == 2 and server.requests >= 2, (starts, server.requests)
     first = [e for e in events if e["turn_id"] == starts[0]]
     second = [e for e in events if e["turn_id"] == starts[1]]
     errors = [e for e in first if e["type"] == "turn-error"]
