@@ -138,6 +138,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     parser.add_argument("--quick", action="store_true", help="3 questions of each half")
+    parser.add_argument("--half", choices=(*HALVES, "all"), default="all",
+                        help="only this half of the quiz (tune on 'tuned' alone)")
     parser.add_argument("--model", default=None, help="local LLM (name or .gguf path)")
     parser.add_argument("--backend", choices=("local", "openai", "served", "both"), default="local",
                         help="both = local, then served, and how many answers are identical")
@@ -173,6 +175,8 @@ async def bench_one(args: argparse.Namespace) -> dict[str, Any]:
     from scripts.llama_server import LlamaServer, default_gguf
 
     quiz = load_quiz()
+    if args.half != "all":
+        quiz = [q for q in quiz if q.half == args.half]
     if args.quick:
         quiz = quick_subset(quiz)
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:

@@ -34,7 +34,10 @@ from companion.app import App, build_app
 from companion.conversation import Reply
 from companion.devices.audio import WavFileSink
 from companion.events import Event, EventType
-from companion.settings import CompanionSettings
+from companion.settings import CompanionSettings, LlmSettings
+from companion.stages.fallback_llm import FallbackChatModel
+from companion.stages.llm import SamplingParams
+from companion.stages.remote_llm import RemoteChatModel
 from companion.stages.sentences import SentenceSplitter
 from scripts.bench_quality import NO_SERVICES
 from scripts.bench_report import write_report
@@ -55,8 +58,10 @@ async def make_app(tmp: Path, name: str, llm: dict[str, Any], threads: int) -> A
     return app
 
 
-async def spoken_turn(app: App, text: str, *, max_tokens: int = 64) -> list[Event]:
-    """Answer ``text`` aloud as a voice turn does; returns the events it caused."""
+async def spoken_turn(app: App, text: str, *, max_tokens: int = 64,
+                      written: list[tuple[float, str]] | None = None) -> list[Event]:
+    """Answer ``text`` aloud as a voice turn does; returns the events it caused. ``written``
+    (if given) gets each reply delta with the time it arrived."""
     events: list[Event] = []
     remove = app.bus.add_callback(events.append)
     events.append(Event(EventType.TURN_START, {"text": text}))
@@ -68,6 +73,8 @@ async def spoken_turn(app: App, text: str, *, max_tokens: int = 64) -> list[Even
                                           temperature=0.0, max_tokens=max_tokens)
         async with contextlib.aclosing(deltas):
             async for delta in deltas:
+                if written is not None:
+                    written.append((time.monotonic(), delta))
                 for sentence in splitter.feed(delta):
                     yield sentence
         for sentence in splitter.flush():
@@ -102,8 +109,9 @@ async def killed_mid_reply(app: App, server: LlamaServer) -> dict[str, Any]:
             loop.run_in_executor(None, server.kill)  # SIGKILL now; reaping in a thread
 
     remove = app.bus.add_callback(on_event)
+    written: list[tuple[float, str]] = []
     try:
-        events = await spoken_turn(app, LONG, max_tokens=160)
+        events = await spoken_turn(app, LONG, max_tokens=160, written=written)
     finally:
         remove()
     fallback = first(events, EventType.LLM_FALLBACK)
@@ -118,6 +126,10 @@ async def killed_mid_reply(app: App, server: LlamaServer) -> dict[str, Any]:
     result: dict[str, Any] = {
         "fell_back": True, "reason": fallback.data.get("reason"),
         "kill_to_fallback_s": round(fallback.timestamp - t_kill, 3),
+        # the local model's first words after the fallback: the part that does not depend on
+        # how much speech was still queued when the server died
+        "fallback_to_local_words_s": next(
+            (round(t - fallback.timestamp, 3) for t, _ in written if t >= fallback.timestamp), None),
         "kill_to_local_audio_s": round(local_audio.timestamp - t_kill, 3) if local_audio else None,
     }
     if local_audio is not None:
@@ -125,6 +137,51 @@ async def killed_mid_reply(app: App, server: LlamaServer) -> dict[str, Any]:
         result["silence_before_local_answer_s"] = round(max(0.0, local_audio.timestamp - last_end), 3)
         result["local_first_sentence"] = local_audio.data.get("text")
     return result
+
+
+async def words_after_fallback(local: Any, threads: int, *, continues: bool,
+                               kill_after: int = 40) -> float | None:
+    """Kill a fresh server after ``kill_after`` deltas of a story; seconds from the fallback
+    to the local model's first words. ``continues=False`` makes the local model answer from
+    scratch (as before it could continue a begun reply), for the comparison."""
+    server = await asyncio.to_thread(LlamaServer(threads=threads).start)
+    local.continues_replies = continues  # this instance only
+    try:
+        model = FallbackChatModel(RemoteChatModel(LlmSettings(
+            backend="openai", base_url=server.base_url, remote_first_token_s=30.0,
+            remote_stall_s=15.0)), local)
+        fell_back: list[float] = []
+        model.add_observer(lambda kind, **_: fell_back.append(time.monotonic())
+                           if kind == "fallback" else None)
+        story = [{"role": "user", "content": LONG}]
+        deltas = model.stream(story, SamplingParams(temperature=0.0, max_tokens=kill_after + 40))
+        async with contextlib.aclosing(deltas):
+            n = 0
+            async for _ in deltas:
+                n += 1
+                if n == kill_after:
+                    await asyncio.to_thread(server.kill)
+                if fell_back:
+                    return time.monotonic() - fell_back[0]
+        return None
+    finally:
+        del local.continues_replies
+        await asyncio.to_thread(server.kill)
+
+
+async def continue_vs_restart(local: Any, runs: int, threads: int) -> dict[str, Any]:
+    """The fallback's first words: continuing the remote's partial reply vs answering anew,
+    alternating, in the same run (the first of each kind warms up and is not counted)."""
+    times: dict[str, list[float]] = {"continue": [], "restart": []}
+    for run in range(runs + 1):
+        order = (True, False) if run % 2 == 0 else (False, True)
+        for continues in order:
+            took = await words_after_fallback(local, threads, continues=continues)
+            if run > 0 and took is not None:
+                times["continue" if continues else "restart"].append(took)
+    return {name: {"median": round(statistics.median(v), 3), "min": round(min(v), 3),
+                   "max": round(max(v), 3), "n": len(v)} if v else None
+            for name, v in times.items()}
 
 
 async def bench(runs: int, questions: list[str], threads: int) -> dict[str, Any]:
@@ -143,6 +200,7 @@ async def bench(runs: int, questions: list[str], threads: int) -> dict[str, Any]
                     order = (("local", local), ("remote", remote))
                     for name, app in (order if run % 2 == 0 else order[::-1]):
                         times[name].append(await first_audio(app, question))
+            gap = await continue_vs_restart(local.llm, max(1, runs // 2), threads)
             await local.aclose()
             fallbacks_before_kill = remote.llm.fallbacks  # type: ignore[attr-defined]
             kill = await killed_mid_reply(remote, server)
@@ -160,6 +218,7 @@ async def bench(runs: int, questions: list[str], threads: int) -> dict[str, Any]
         "remote_over_local": round(remote_s / local_s, 3),
         "fallbacks_before_kill": fallbacks_before_kill, "threads": threads,
         "killed_mid_reply": kill,
+        "fallback_to_local_words_s": gap,
         "target_answer_within_s": 2.0,
         "machine": f"{platform.machine()}, {platform.python_version()}",
     }

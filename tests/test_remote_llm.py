@@ -157,6 +157,27 @@ async def test_a_diverging_local_answer_starts_after_a_sentence_break(server):
     assert await reply(model) == "Paris is …\nThe capital is Paris."
 
 
+class ContinuingFakeChatModel(FakeChatModel):
+    """A local model that goes on from a begun reply (as LlamaCppChatModel does)."""
+
+    continues_replies = True
+
+
+async def test_a_local_model_that_continues_goes_on_from_the_remote_partial_reply(server):
+    local = ContinuingFakeChatModel("the capital of France.")
+    model = FallbackChatModel(remote(server.base, "stall"), local)
+    assert await reply(model) == "Paris is the capital of France."
+    # it was handed what the remote said as the start of its own reply
+    assert local.prompts == [[*QUESTION, {"role": "assistant", "content": "Paris is "}]]
+
+
+async def test_with_nothing_said_a_continuing_local_model_answers_from_scratch(server):
+    local = ContinuingFakeChatModel("Paris.")
+    model = FallbackChatModel(remote(server.base, "error500"), local)
+    assert await reply(model) == "Paris."
+    assert local.prompts == [QUESTION]
+
+
 async def test_the_breaker_opens_skips_the_remote_and_recovers(server):
     now = [0.0]
     model, _, seen = fallback(server.base, "error500", failures=2, reset_s=30.0,

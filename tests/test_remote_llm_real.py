@@ -89,6 +89,9 @@ async def test_killed_mid_reply_the_local_model_answers_then_the_remote_comes_ba
                 if len(deltas) == 2:
                     server.kill()  # in the middle of the reply
         text = "".join(deltas)
+        # the local model went on from the remote's last word: the listener hears the one
+        # answer this GGUF gives, nothing said twice
+        assert text == await answer(local_model, QUESTIONS[0])
         assert "Paris" in text and model.last_source == "local"
         fallbacks = [data for kind, data in seen if kind == "fallback"]
         assert fallbacks[0]["reason"] == "dropped" and fallbacks[0]["partial_chars"] > 0

@@ -4,9 +4,12 @@
 generation goes to the remote server unless the circuit breaker is open; a remote failure
 (unreachable, HTTP error, garbage, no first words in time, a stall mid-reply) is answered by the
 local model in the same generation, so the caller sees one stream of deltas. When the remote one
-dies mid-reply, the local model answers the same prompt; what the remote side already said is
-not repeated when the local answer begins the same way (the same GGUF on both sides), and a
-"…" line break separates the two otherwise.
+dies mid-reply, a local model that ``continues_replies`` (llama.cpp) reads the partial reply as
+the start of its own and goes on from the last word: one coherent answer, and the next words
+come after one prompt evaluation instead of after regenerating all that was already said
+(which left 4.2 s of silence in scripts/bench_remote.py). Another local model answers the same
+prompt; what the remote side already said is not repeated when the local answer begins the
+same way, and a "…" line break separates the two otherwise.
 
 After ``breaker_failures`` consecutive failures the breaker opens: turns go straight to the local
 model (no timeout to wait out) until ``breaker_reset_s`` has passed, then one turn tries the
@@ -172,8 +175,14 @@ class FallbackChatModel:
                     partial_chars=len(partial), breaker=str(self.breaker.state))
         self._notify("fallback", reason=reason, detail=detail, partial_chars=len(partial),
                      breaker=str(self.breaker.state))
-        local = self.local.stream(messages, params, stats, priority=priority)
-        async for delta in _after(local, partial):
+        if partial.strip() and getattr(self.local, "continues_replies", False):
+            # the local model reads what was said as the start of its own reply and goes on
+            # from the last word: no sentence said twice, no silence while it catches up
+            begun: ChatMessage = {"role": "assistant", "content": partial}
+            local = self.local.stream([*messages, begun], params, stats, priority=priority)
+        else:
+            local = _after(self.local.stream(messages, params, stats, priority=priority), partial)
+        async for delta in local:
             yield delta
 
     # --- observers -------------------------------------------------------------------------------

@@ -105,7 +105,10 @@ class LlamaCppChatModel:
 
     Prompts are formatted with the model's own chat template and handed to llama.cpp as tokens,
     so the tokens compared with a kept persona prefix are exactly the tokens evaluated.
+    Messages ending with an assistant message continue that reply (``continues_replies``).
     """
+
+    continues_replies = True
 
     def __init__(self, settings: LlmSettings, registry: ModelRegistry, *,
                  gate: ComputeGate | None = None) -> None:
@@ -218,9 +221,16 @@ class LlamaCppChatModel:
         self._llama.close()
 
     def prompt_tokens(self, messages: list[ChatMessage]) -> tuple[list[int], list[str]]:
-        """The tokens llama.cpp evaluates for ``messages`` and the template's stop strings."""
-        result = self._prompt_format(messages=list(messages))
-        tokens = self._llama.tokenize(result.prompt.encode(), add_bos=not result.added_special,
+        """The tokens llama.cpp evaluates for ``messages`` and the template's stop strings.
+        A trailing assistant message is a reply begun elsewhere (a remote server that died
+        mid-reply): the prompt ends inside it, so the model goes on from its last word."""
+        if messages and messages[-1]["role"] == "assistant":
+            result = self._prefix_format(messages=list(messages))
+            prompt = _cut_after(result.prompt, messages[-1]["content"])
+        else:
+            result = self._prompt_format(messages=list(messages))
+            prompt = result.prompt
+        tokens = self._llama.tokenize(prompt.encode(), add_bos=not result.added_special,
                                       special=True)
         stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
         return tokens, stop
@@ -428,6 +438,16 @@ def _report_cancelled(put: Callable[[object], None], job: Future) -> None:
             put(_DONE)
         except RuntimeError:  # the event loop is gone: nobody is waiting
             pass
+
+
+def _cut_after(prompt: str, begun: str) -> str:
+    """``prompt`` up to the end of the begun reply ``begun`` (dropping the end-of-message
+    token the template puts after it); templates that trim the content are matched trimmed."""
+    for text in (begun, begun.strip()):
+        at = prompt.rfind(text) if text else -1
+        if at >= 0:
+            return prompt[: at + len(text)]
+    raise ValueError("the chat template dropped the begun reply")
 
 
 def _common_prefix(held: Any, tokens: list[int]) -> int:
