@@ -162,6 +162,14 @@ class ContinuingFakeChatModel(FakeChatModel):
 
     continues_replies = True
 
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.max_tokens: list[int] = []
+
+    def stream(self, messages, params, stats=None, **kwargs):
+        self.max_tokens.append(params.max_tokens)
+        return super().stream(messages, params, stats, **kwargs)
+
 
 async def test_a_local_model_that_continues_goes_on_from_the_remote_partial_reply(server):
     local = ContinuingFakeChatModel("the capital of France.")
@@ -169,6 +177,7 @@ async def test_a_local_model_that_continues_goes_on_from_the_remote_partial_repl
     assert await reply(model) == "Paris is the capital of France."
     # it was handed what the remote said as the start of its own reply
     assert local.prompts == [[*QUESTION, {"role": "assistant", "content": "Paris is "}]]
+    assert local.max_tokens == [PARAMS.max_tokens - 2]  # the remote's two words count
 
 
 async def test_with_nothing_said_a_continuing_local_model_answers_from_scratch(server):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from enum import StrEnum
 from typing import Any
 
@@ -178,8 +179,10 @@ class FallbackChatModel:
         if partial.strip() and getattr(self.local, "continues_replies", False):
             # the local model reads what was said as the start of its own reply and goes on
             # from the last word: no sentence said twice, no silence while it catches up
+            # within the reply's budget: what the remote said counts
+            rest = replace(params, max_tokens=max(1, params.max_tokens - stats.completion_tokens))
             begun: ChatMessage = {"role": "assistant", "content": partial}
-            local = self.local.stream([*messages, begun], params, stats, priority=priority)
+            local = self.local.stream([*messages, begun], rest, stats, priority=priority)
         else:
             local = _after(self.local.stream(messages, params, stats, priority=priority), partial)
         async for delta in local:
