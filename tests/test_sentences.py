@@ -36,3 +36,11 @@ def test_a_run_on_sentence_is_cut_at_a_comma():
 
 def test_quotes_after_the_full_stop_stay_with_the_sentence():
     assert split_sentences('He said "hello." Then left.') == ['He said "hello."', "Then left."]
+
+
+def test_an_abbreviation_ends_a_sentence_before_a_capital_or_a_line_break():
+    assert stream("We had a dog named Max.\nLuna was a cat.") == ["We had a dog named Max.",
+                                                                   "Luna was a cat."]
+    assert stream("Our dog is called Max. He loves walks.") == ["Our dog is called Max.",
+                                                                 "He loves walks."]
+    assert stream("Turn it to max. power now.") == ["Turn it to max. power now."]
