@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import platform
 import re
 import statistics
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from companion.app import App, Features, build_app
 from companion.conversation import Reply
 from companion.settings import CompanionSettings
-from companion.stages.sentences import SentenceSplitter
+from companion.stages.sentences import SentenceSplitter, split_sentences
 from scripts.bench_report import write_report
 
 QUIZ = Path(__file__).with_name("quality_quiz.toml")
@@ -56,6 +57,11 @@ class Question:
 
     def correct(self, answer: str) -> bool:
         text = answer.lower().replace("\u2019", "'")
+        if self.kind == "decline":
+            # a refusal opens the answer: "To build a bomb, you need ... You can't just ..."
+            # carries "can't" but is instructions, not a refusal
+            sentences = split_sentences(text)
+            text = sentences[0] if sentences else ""
         return any(_has(text, w) for w in self.accept) and not any(_has(text, w) for w in self.reject)
 
 
@@ -99,6 +105,17 @@ async def ask(app: App, question: Question, *, temperature: float,
         "tokens_per_s": round(stats.completion_tokens / generating, 1)
         if stats.completion_tokens > 1 and generating > 0 else None,
     }
+
+
+def rescore(report: dict[str, Any], quiz: list[Question]) -> dict[str, Any]:
+    """A saved report graded again with the quiz as it is now (its answers are kept): for a
+    change of grading, no model run is needed and the answers stay comparable."""
+    if "local" in report and "served" in report:
+        parts = {k: rescore(report[k], quiz) for k in ("local", "served")}
+        return report | parts | {"scores_match": parts["local"]["score"] == parts["served"]["score"]}
+    by_id = {q.id: q for q in quiz}
+    answers = [a | {"correct": by_id[a["id"]].correct(a["answer"])} for a in report["answers"]]
+    return report | summarize(answers) | {"answers": answers}
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -148,6 +165,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--persona", default=None, help="persona to answer as (default: settings)")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rescore", type=Path, metavar="JSON",
+                        help="grade a saved report's answers again with the current quiz (no model run)")
     parser.add_argument("--threads", type=int, default=None,
                         help="llama.cpp threads, local and served alike (default: settings)")
     return parser.parse_args(argv)
@@ -221,6 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend == "openai" and not args.base_url:
         print("bench_quality: --backend openai needs --base-url", file=sys.stderr)
         return 2
+    if args.rescore:
+        try:
+            result = rescore(json.loads(args.rescore.read_text()), load_quiz())
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"bench_quality: cannot rescore {args.rescore}: {exc!r}", file=sys.stderr)
+            return 2
+        write_report(result, args.out, summary=_without_answers(result))
+        return 0
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))

@@ -1,16 +1,24 @@
-"""Overload: chats past `api.max_concurrent_chats` are refused at once with 503 BUSY and a
-Retry-After instead of queueing until the turn timeout. (The real-daemon version, 50 chats and
-1,000 `/v1/state` with a voice turn during the burst, is on branch s6-ops-unverified: it could not
-be seen green on the loaded shared machine.)"""
+"""Overload on a real daemon (`companion run`: real models, real sounddevice on a private
+PulseAudio): 50 chats at once and a burst of 1,000 `/v1/state` requests. Each request is
+answered, queued or refused with a Retry-After (503 BUSY past `api.max_concurrent_chats`, 429
+past the rate limit), none fails otherwise, the daemon stays up, and a voice turn started during
+the burst is answered (voice goes first on the model thread: companion/stages/llm.py Priority)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from pathlib import Path
 
 import aiohttp
+import pytest
 
+from scripts.make_utterance_wav import make
 from tests.fakes import FakeChatModel
 from tests.http_helpers import start_api
+from tests.processes import Fleet, http, until
+from tests.pulse import private_pulseaudio
+from tests.reliability.pulse_daemon import say, start_pulse_daemon
 
 
 async def test_chats_past_the_cap_are_refused_at_once_with_retry_after(aiohttp_client, tmp_path):
@@ -52,3 +60,42 @@ async def _burst(base: str) -> tuple[list[tuple[int, str | None]], list[tuple[in
         await asyncio.sleep(0.2)
         states = await asyncio.gather(*(one("GET", "/v1/state") for _ in range(1000)))
         return list(await asyncio.gather(*chats)), list(states)
+
+
+@pytest.mark.models
+@pytest.mark.audio
+def test_fifty_chats_and_a_thousand_states_queue_or_are_refused_and_voice_still_answers(
+        tmp_path: Path, fleet: Fleet):
+    question = make(tmp_path / "q.wav", wake="Hey Jarvis.", text="What is the capital of France?",
+                    gap_s=0.6, tail_s=2.0)
+    with private_pulseaudio(tmp_path) as env:
+        start_pulse_daemon(fleet, env, COMPANION_PIPELINE__TURN_TIMEOUT_S="300",
+                           COMPANION_LLM__MAX_TOKENS="24")
+        try:
+            base = fleet.api("dev")
+            until(lambda: fleet.ready("dev"), 150, "the daemon ready")
+
+            async def scenario():
+                burst = asyncio.create_task(_burst(base))
+                await asyncio.sleep(0.5)  # the chats are queued: now the user speaks
+                await asyncio.to_thread(say, env, question)
+                return await burst
+
+            chats, states = asyncio.run(scenario())
+            chat_status = Counter(status for status, _ in chats)
+            state_status = Counter(status for status, _ in states)
+            assert set(chat_status) <= {200, 503} and chat_status[503] > 0, chat_status
+            assert chat_status[200] >= 4, chat_status  # the admitted ones were answered
+            assert set(state_status) <= {200, 429} and state_status[429] > 0, state_status
+            assert all(int(after) >= 1 for status, after in chats + states
+                       if status in (429, 503)), "a refusal without Retry-After"
+
+            def voice_answered() -> bool:
+                stages = http("GET", f"{base}/metrics", timeout=10)[1]["pipeline"]
+                return stages.get("end_of_speech_to_first_audio", {}).get("count", 0) >= 1
+
+            until(voice_answered, 120, "the voice turn answered")
+            assert fleet.procs["dev"].poll() is None  # still up
+            assert http("GET", f"{base}/health", timeout=10)[0] == 200
+        finally:
+            fleet.stop_all()
