@@ -129,8 +129,8 @@ class VadSettings(_Section):
         0.3, ge=0.0, le=2.0, description="Audio kept from before speech start (first syllable)."
     )
     noise_margin_db: float = Field(
-        6.0, ge=0.0, le=30.0, description="Speech must stand this far above the room's noise "
-        "floor (babble, a television); 0 = webrtcvad alone."
+        0.0, ge=0.0, le=30.0, description="Speech must stand this far above the room's noise "
+        "floor (babble, a television); 0 (default for now) = webrtcvad alone; 6 is measured."
     )
 
 

@@ -13,7 +13,7 @@ from companion.settings import VadSettings
 from companion.stages.vad import Endpointer, GatedClassifier, NoiseFloor, SegmentState, WebRtcVad
 
 RATE = 16000
-IDLE_S = 3.0  # the room heard while waiting for the wake word
+IDLE_S = 5.0  # the room heard while waiting for the wake word (the floor's whole window)
 
 
 def endpoint(kind: str, snr_db: float, speech: np.ndarray | None, *, speak=None,

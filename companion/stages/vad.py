@@ -121,23 +121,29 @@ class WebRtcVad:
 
 
 class NoiseFloor:
-    """The room's background level: the quietest tenth of the last few seconds of
-    microphone blocks. webrtcvad calls babble (a television, people talking) speech at any
-    level, so in such a room an utterance never ended before ``max_utterance_s`` and
-    ``no_speech_timeout_s`` never fired (measured with the simulated room's babble at SNR 5-20
-    dB); a block must also stand ``margin_db`` above this floor to count as the user's speech."""
+    """The room's background level: the median level of 3 s of microphone blocks heard while
+    idle, leaving out the last 1.5 s (the wake word). webrtcvad calls babble (a television,
+    people talking) speech at any level, so in such a room an utterance never ended before
+    ``max_utterance_s`` and ``no_speech_timeout_s`` never fired (measured with the simulated
+    room's babble at SNR 5-20 dB); a block must also stand ``margin_db`` above this floor to
+    count as the user's speech."""
 
-    def __init__(self, window_s: float = 3.0, block_s: float = 0.03) -> None:
-        self._levels: deque[float] = deque(maxlen=max(1, round(window_s / block_s)))
-        self._min_blocks = max(1, round(0.5 / block_s))  # no floor before half a second
+    def __init__(self, window_s: float = 3.0, block_s: float = 0.03,
+                 recent_s: float = 1.5) -> None:
+        # the last ``recent_s`` before a turn hold the wake word itself: not the room
+        self._recent = round(recent_s / block_s)
+        self._levels: deque[float] = deque(maxlen=max(1, round(window_s / block_s)) + self._recent)
 
     def observe(self, block: bytes) -> None:
         self._levels.append(block_level_db(block))
 
     def above(self, block: bytes, margin_db: float) -> bool:
-        if margin_db <= 0 or len(self._levels) < self._min_blocks:
+        """Whether ``block`` stands ``margin_db`` above the floor (always, until the room has
+        been heard for the whole window: a short file in a quiet simulation is never gated)."""
+        if margin_db <= 0 or len(self._levels) < (self._levels.maxlen or 0):
             return True
-        floor = float(np.percentile(np.fromiter(self._levels, float), PERCENTILE))
+        older = list(self._levels)[: len(self._levels) - self._recent]
+        floor = float(np.percentile(older, PERCENTILE))
         return block_level_db(block) >= floor + margin_db
 
 
