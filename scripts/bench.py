@@ -36,6 +36,8 @@ BENCHMARKS = {
     "fleet": "sim_fleet.py",
     "quality": "bench_quality.py",
     "echo": "bench_echo.py",
+    "remote": "bench_remote.py",
+    "arbitration": "sim_arbitration.py",
 }
 STAGE_LABELS = {"endpoint_s": "endpoint", "stt_s": "transcript", "llm_first_sentence_s":
                 "LLM first sentence", "tts_first_audio_s": "first sentence synthesized"}
