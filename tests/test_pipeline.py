@@ -186,7 +186,7 @@ async def test_a_failing_stage_is_reported_and_the_loop_goes_on(tmp_path):
     app = fake_app(settings, source=FakeMic(UTTERANCE + UTTERANCE), stt=BrokenTranscriber())
     events = collect(app)
     await app.start()
-    await run_mic(app, limit_s=10)  # each failure's traceback is rendered with its locals: slow
+    await run_mic(app, limit_s=30)  # each failure's traceback is rendered with its locals: slow
     errors = [e for e in events if e.type is EventType.TURN_ERROR]
     assert len(errors) == 2 and "decoder exploded" in errors[0].data["message"]
     assert app.tts.spoken[0][0] == "Sorry, something went wrong."
