@@ -109,7 +109,7 @@ class Fleet:
         self._spawn("plane", ["-m", "companion_dev.controlplane", "serve", "--port",
                               str(self.plane_port), "--token", TOKEN, "--admin-token", ADMIN, "--state",
                               str(self.tmp / "plane.db"), "--heartbeat", "2"], {})
-        until(lambda: http("GET", f"{self.plane}/health", timeout=2)[0] == 200, 20, "the plane")
+        until(lambda: http("GET", f"{self.plane}/health", timeout=2)[0] == 200, 60, "the plane")
 
     def daemon_env(self, device_id: str, *, plane: bool = True) -> dict[str, str]:
         """The environment of `companion run` for ``device_id``: its data dir and API port, no
