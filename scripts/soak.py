@@ -110,6 +110,9 @@ class Soak:
                        "timers_rang": 0, "plane_restarts": 0, "pings": 0}
         self.started = 0.0  # the end of warm-up: the measured run starts here (times are from it)
         self.plane: ControlPlane | None = None
+        # held while the control plane is down for a restart: the operator's side (persona
+        # switches) waits for it, as a real control plane sends nothing while it is down
+        self.plane_up = asyncio.Lock()
         self.port = 0
         self.samples: list[dict[str, Any]] = []
 
@@ -161,12 +164,15 @@ class Soak:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
                 self.http = http
                 tasks = [asyncio.create_task(d) for d in drivers]
+                for task in tasks:  # a driver that dies is an error then, not at the end
+                    task.add_done_callback(self._driver_died)
                 try:
                     await asyncio.sleep(self.warmup_s)
                     start = resources()
                     await asyncio.sleep(self.duration_s)
                 finally:
                     for task in tasks:
+                        task.remove_done_callback(self._driver_died)
                         task.cancel()
                     for result in await asyncio.gather(*tasks, return_exceptions=True):
                         if isinstance(result, Exception):
@@ -181,6 +187,11 @@ class Soak:
             await self.plane.stop()
             self.plane.close()
         return self.summary(ready, start, end)
+
+    def _driver_died(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            self.error("driver", f"{task.get_coro().__name__}: {type(error).__name__}: {error}")
 
     async def every(self, period_s: float, first_s: float):
         await asyncio.sleep(first_s)
@@ -222,28 +233,34 @@ class Soak:
         n = 0
         async for _ in self.every(45, 20):
             n += 1
-            try:
-                command = await self.plane.send("soak", "persona_switch",
-                                                {"persona_id": PERSONAS[n % len(PERSONAS)]})
-                ack = await self.plane.wait_ack(command, within_s=60)
-                if not ack.get("ok"):
-                    self.error("persona_switch", ack)
-                else:
-                    self.counts["persona_switches"] += 1
-                ping = await self.plane.wait_ack(await self.plane.send("soak", "ping", {}),
-                                                 within_s=60)
-                self.counts["pings"] += bool(ping.get("ok"))
-            except TimeoutError:
-                self.error("control", "no ack within 60 s")
+            async with self.plane_up:
+                await self._switch_persona(n)
+
+    async def _switch_persona(self, n: int) -> None:
+        assert self.plane is not None
+        try:
+            command = await self.plane.send("soak", "persona_switch",
+                                            {"persona_id": PERSONAS[n % len(PERSONAS)]})
+            ack = await self.plane.wait_ack(command, within_s=60)
+            if not ack.get("ok"):
+                self.error("persona_switch", ack)
+            else:
+                self.counts["persona_switches"] += 1
+            ping = await self.plane.wait_ack(await self.plane.send("soak", "ping", {}),
+                                             within_s=60)
+            self.counts["pings"] += bool(ping.get("ok"))
+        except TimeoutError:
+            self.error("control", "no ack within 60 s")
 
     async def plane_restarts(self) -> None:
         async for _ in self.every(min(300, self.duration_s / 3), min(300, self.duration_s / 3)):
-            await self.plane.stop()
-            self.plane.close()
-            await asyncio.sleep(2)
-            # a new process of the control plane, as after a restart: same port, same state
-            self.plane = ControlPlane(token=TOKEN, state_path=self.workdir / "plane.db")
-            await self.plane.start("127.0.0.1", self.port)
+            async with self.plane_up:
+                await self.plane.stop()
+                self.plane.close()
+                await asyncio.sleep(2)
+                # a new process of the control plane, as after a restart: same port, same state
+                self.plane = ControlPlane(token=TOKEN, state_path=self.workdir / "plane.db")
+                await self.plane.start("127.0.0.1", self.port)
             self.counts["plane_restarts"] += 1
             try:
                 await self.plane.wait_connected("soak", within_s=60)
@@ -269,7 +286,8 @@ class Soak:
                 "warmup_minutes": round(self.warmup_s / 60, 2), **self.counts,
                 "errors": len(self.errors), "error_list": self.errors[:50],
                 "ready": ready, "start": start, "end": end,
-                "rss_growth_percent": _growth(start, end),
+                "rss_growth_percent": _window_growth(measured),
+                "rss_growth_point_to_point_percent": _growth(start, end),
                 "rss_growth_from_ready_percent": _growth(ready, end),
                 "rss_trend_mb_per_10_min": _trend(measured),
                 "slices": slices,
@@ -283,6 +301,18 @@ def _resources_of(sample: dict[str, Any]) -> dict[str, Any]:
 
 def _growth(before: dict[str, Any], after: dict[str, Any]) -> float:
     return round((after["rss_mb"] - before["rss_mb"]) / before["rss_mb"] * 100, 2)
+
+
+def _window_growth(samples: list[dict[str, Any]]) -> float | None:
+    """RSS growth between the medians of the first and the last sixth of the samples (at most
+    5 minutes' worth each): RSS swings by ±60 MB with what is being said (piper's working
+    memory per character), so two single samples measure the moment, not the level."""
+    k = min(len(samples) // 6, 30)
+    if k < 1:
+        return None
+    before = statistics.median(x["rss_mb"] for x in samples[:k])
+    after = statistics.median(x["rss_mb"] for x in samples[-k:])
+    return round((after - before) / before * 100, 2)
 
 
 def _trend(samples: list[dict[str, Any]]) -> float | None:
