@@ -200,7 +200,8 @@ class App:
                                       f"{control.mode}: {control.detail}")
 
         return EchoControl(s.audio.echo_cancel, reference,
-                           noise_suppression=s.audio.noise_suppression, on_change=report)
+                           noise_suppression=s.audio.noise_suppression, on_change=report,
+                           echo_path_file=s.data_dir / "echo_path.npy")
 
     async def _load(self, component: str, build, *, attr: str) -> Any:
         started = time.perf_counter()

@@ -245,54 +245,72 @@ def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
 
 async def bench_barge_in(trials: int) -> dict:
     """The whole daemon (real models) in a room: a reply spoken, the user's wake word over it
-    (echo +6 dB), detection → playback stopped."""
+    (echo +6 dB), detection → playback stopped. Each trial twice, with one data directory: a
+    device's first reply ever (the canceller learns the room from scratch), then a device that
+    has spoken before (it starts from the echo path it kept, ``<data_dir>/echo_path.npy``)."""
+    import tempfile
+
     from companion.__main__ import piper_speaker
-    from companion.app import Features, build_app
-    from companion.events import EventType
 
     s = settings()
     speak = piper_speaker(s)
     wake = speak("Hey Jarvis.", 1.0)
-    wall, audio = [], []
+    out: dict = {"trials": trials, "echo_db": BARGE_ECHO_DB}
+    runs: dict[str, list[tuple[float, float] | None]] = {"first_reply_ever": [],
+                                                         "echo_path_kept": []}
     for i in range(trials):
         at = 0.5 + 0.3 * i  # within the first sentence: the room plays faster than TTS makes the next
-        room = Room(RoomConfig(echo_db=BARGE_ECHO_DB, seed=300 + i),
-                    user_track(at + 3.0, [(at, wake)]),
-                    realtime=False)
-        app = build_app(s.model_copy(update={"data_dir": Path(f"/tmp/bench-echo-{i}")}),
-                        source=room.source(), sink=room.speaker,
-                        features=Features(audio_devices=False, http=False, control=False,
-                                          gpio=False, warm_personas=False))
-        detected: list[float] = []
+        with tempfile.TemporaryDirectory(prefix="bench-echo-") as data_dir:
+            for name in runs:
+                runs[name].append(await _barge_in_once(s, wake, at, i, Path(data_dir)))
+    for name, results in runs.items():
+        hit = [r for r in results if r is not None]
+        out[name] = {"detected": len(hit),
+                     "detection_to_playback_stopped_ms": _summary([w for w, _ in hit], 2),
+                     "end_of_word_to_playback_stopped_audio_ms": _summary([a for _, a in hit], 1)}
+    return out
 
-        def on_event(event, detected=detected) -> None:
-            if event.type is EventType.WAKE_DETECTED:
-                detected.append(time.perf_counter())
 
-        app.bus.add_callback(on_event)
-        await app.start()
-        app.voice.hears_itself = True
-        room.linger = lambda app=app: app.speech.speaking
-        voice = app.conversation.active_persona.voice_config.params()
-        say = asyncio.create_task(app.speech.say(" ".join(REPLY), voice))
-        # the room's clock starts with the reply (it stands still until the mic is read)
+async def _barge_in_once(s, wake: np.ndarray, at: float, seed: int,
+                         data_dir: Path) -> tuple[float, float] | None:
+    """(wall ms from detection to playback stopped, room ms from the word's end), or None."""
+    from companion.app import Features, build_app
+    from companion.events import EventType
+
+    room = Room(RoomConfig(echo_db=BARGE_ECHO_DB, seed=300 + seed),
+                user_track(at + 3.0, [(at, wake)]), realtime=False)
+    app = build_app(s.model_copy(update={"data_dir": data_dir}), source=room.source(),
+                    sink=room.speaker, features=Features(audio_devices=False, http=False,
+                                                         control=False, gpio=False,
+                                                         warm_personas=False))
+    detected: list[float] = []
+
+    def on_event(event) -> None:
+        if event.type is EventType.WAKE_DETECTED:
+            detected.append(time.perf_counter())
+
+    app.bus.add_callback(on_event)
+    await app.start()
+    app.voice.hears_itself = True
+    room.linger = lambda: app.speech.speaking
+    voice = app.conversation.active_persona.voice_config.params()
+    say = asyncio.create_task(app.speech.say(" ".join(REPLY), voice))
+    # the room's clock starts with the reply (it stands still until the mic is read)
+    async with asyncio.timeout(120):
+        await app.speech.playing.wait()
+    pump = asyncio.create_task(app.voice.run())
+    try:
         async with asyncio.timeout(120):
-            await app.speech.playing.wait()
-        pump = asyncio.create_task(app.voice.run())
-        try:
-            async with asyncio.timeout(120):
-                await asyncio.gather(say, return_exceptions=True)
-                app.voice.barge_in()
-                await pump
-        finally:
-            pump.cancel()
-            await app.aclose()
-        if detected and room.speaker.stopped_at is not None:
-            wall.append((room.speaker.stopped_at - detected[0]) * 1000)
-            audio.append((room.speaker.played_s - (at + len(wake) / RATE)) * 1000)
-    return {"trials": trials, "detected": len(wall), "echo_db": BARGE_ECHO_DB,
-            "detection_to_playback_stopped_ms": _summary(wall, 2),
-            "end_of_word_to_playback_stopped_audio_ms": _summary(audio, 1)}
+            await asyncio.gather(say, return_exceptions=True)
+            app.voice.barge_in()
+            await pump
+    finally:
+        pump.cancel()
+        await app.aclose()  # keeps the echo path learnt (the next run of this trial starts from it)
+    if not detected or room.speaker.stopped_at is None:
+        return None
+    return ((room.speaker.stopped_at - detected[0]) * 1000,
+            (room.speaker.played_s - (at + len(wake) / RATE)) * 1000)
 
 
 async def plot_barge_in(speak, path: Path) -> dict:
@@ -350,20 +368,30 @@ def _summary(values: list[float], digits: int = 1) -> dict:
             "min": round(min(values), digits), "max": round(max(values), digits)}
 
 
+SECTIONS = ("erle", "wake_over_reply", "barge_in", "self_wakes", "wer")
+
+
 async def run(args: argparse.Namespace) -> dict:
     from companion.__main__ import piper_speaker
 
     speak = piper_speaker(settings())
     quick = args.quick
-    result: dict = {"quick": quick}
-    result["erle"] = await bench_erle(speak, [0] if quick else [0, 1, 2, 3, 4])
-    result["wake_over_reply"] = await bench_wake_over_reply(speak, 1 if quick else 10, [6.0, 12.0])
-    result["barge_in"] = await bench_barge_in(1 if quick else 3)
-    result["self_wakes"] = await bench_self_wakes(
-        speak, args.self_wake_s if args.self_wake_s is not None else 15.0 if quick else 3600.0)
-    result["wer"] = await bench_wer(speak, [10.0] if quick else [20.0, 10.0, 5.0],
-                                    ["pink"] if quick else ["pink", "babble"],
-                                    questions=2 if quick else len(QUESTIONS))
+    chosen = args.sections or SECTIONS
+    result: dict = {"quick": quick, "sections": list(chosen)}
+    if "erle" in chosen:
+        result["erle"] = await bench_erle(speak, [0] if quick else [0, 1, 2, 3, 4])
+    if "wake_over_reply" in chosen:
+        result["wake_over_reply"] = await bench_wake_over_reply(speak, 1 if quick else 10,
+                                                                [6.0, 12.0])
+    if "barge_in" in chosen:
+        result["barge_in"] = await bench_barge_in(1 if quick else 3)
+    if "self_wakes" in chosen:
+        result["self_wakes"] = await bench_self_wakes(
+            speak, args.self_wake_s if args.self_wake_s is not None else 15.0 if quick else 3600.0)
+    if "wer" in chosen:
+        result["wer"] = await bench_wer(speak, [10.0] if quick else [20.0, 10.0, 5.0],
+                                        ["pink"] if quick else ["pink", "babble"],
+                                        questions=2 if quick else len(QUESTIONS))
     if args.plot is not None:
         result["plot"] = await plot_barge_in(speak, args.plot)
     return result
@@ -377,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--self-wake-s", type=float, metavar="S",
                         help="seconds of the device's own speech for self_wakes (default 3600; "
                              "it runs about 2x faster than real time on 2 loaded cores)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, metavar="NAME",
+                        help=f"run only these ({', '.join(SECTIONS)}; default: all)")
     args = parser.parse_args(argv)
     if args.self_wake_s is not None and not 0 < args.self_wake_s <= 24 * 3600:
         parser.error("--self-wake-s must be between 0 and 86400 seconds")

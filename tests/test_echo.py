@@ -142,3 +142,57 @@ def test_no_reference_no_aec(requested) -> None:
     control = EchoControl(requested, None, probe_system=lambda: None)
     assert control.mode == "off" and "reference" in control.detail
     control.close()
+
+
+def test_the_linear_filter_stays_converged_over_a_pause_between_sentences() -> None:
+    """Between two sentences the speaker is silent for longer than the filter's tail (the
+    next one still being synthesized). The filter learnt on the first must cancel the second
+    from its first word: it once kept the first sentence's spectra as the second's history and
+    threw the converged filter away."""
+    from companion.devices.echo_linear import LinearEchoFilter
+
+    rng = np.random.default_rng(7)
+    path = np.zeros(int(0.12 * RATE))  # 30 ms delay, a decaying tail
+    path[480:] = rng.standard_normal(len(path) - 480) * np.exp(-np.arange(len(path) - 480) / 600)
+    path *= 0.5 / np.abs(path).max()
+    sentence = lambda seed: np.frombuffer(speechlike(2.4, seed), np.int16).astype(float)  # noqa: E731
+    far = np.concatenate([sentence(1), np.zeros(int(0.6 * RATE)), sentence(2)])
+    near = np.convolve(far, path)[: len(far)]
+    flt = LinearEchoFilter(frame=480)
+    out = np.concatenate([flt.process(near[i:i + 480], far[i:i + 480])
+                          for i in range(0, len(far), 480)])
+    resumed = int(3.0 * RATE)  # the second sentence's first 400 ms
+    second = slice(resumed, resumed + int(0.4 * RATE))
+    erle = 10 * np.log10((near[second] ** 2).mean() / ((out[second] ** 2).mean() + 1e-9))
+    assert erle >= 15
+
+
+def _first_words_erle(echo_path_file) -> float:
+    """ERLE of the wake word's stream over the first 0.5 s of a reply in a fresh canceller."""
+    room = Room(RoomConfig(echo_db=6.0, rt60=0.2, delay_ms=30, seed=4), bytes(2 * 3 * RATE),
+                realtime=False)
+    room.speaker.reference = PlaybackReference()
+    room.speaker.enqueue(np.frombuffer(speechlike(3.0, 1), np.int16))
+    canceller = EchoCanceller(room.speaker.reference, echo_path_file=echo_path_file)
+    mic, wake = [], []
+    while not room.finished:
+        at = room.now_s
+        block = room.next_block()
+        mic.append(np.frombuffer(block, np.int16))
+        wake.append(np.frombuffer(canceller.split(block, at).wake, np.int16))
+    canceller.save_echo_path()
+    first = slice(int(0.05 * RATE), int(0.55 * RATE))
+    raw, out = (np.concatenate(x).astype(float)[first] for x in (mic, wake))
+    return 10 * np.log10((raw**2).mean() / ((out**2).mean() + 1e-9))
+
+
+def test_the_echo_path_learnt_is_kept_across_restarts(tmp_path) -> None:
+    """A device's speaker and microphone do not move: the echo path learnt in one run cancels
+    the first words of the next run's first reply, which a filter learning anew cannot."""
+    path_file = tmp_path / "echo_path.npy"
+    first_run = _first_words_erle(path_file)
+    assert path_file.exists()
+    second_run = _first_words_erle(path_file)
+    assert first_run < 10 and second_run >= 20, (first_run, second_run)
+    path_file.write_bytes(b"not an array")  # a damaged file: learnt anew, no crash
+    assert _first_words_erle(path_file) < 10

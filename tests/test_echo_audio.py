@@ -49,9 +49,6 @@ def _pcm(x: np.ndarray) -> bytes:
     return np.clip(np.round(x), -32768, 32767).astype(np.int16).tobytes()
 
 
-@pytest.mark.xfail(reason="issue 10 (open): since vad.noise_margin_db went to 0 by default "
-                   "(5be6ef2) the wake word over the reply is missed here on a quiet "
-                   "machine; not yet explained", strict=False)
 async def test_real_speaker_echo_is_reduced_and_the_wake_word_over_it_heard(echo_path, tmp_path):
     from companion.__main__ import piper_speaker
 

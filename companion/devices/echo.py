@@ -13,10 +13,12 @@ that vanishes is a warning and a fallback, never a dead microphone.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -117,10 +119,13 @@ class EchoCanceller:
     Not thread-safe (nor is the WebRTC processor): call it from one thread."""
 
     def __init__(self, reference: PlaybackReference, *, noise_suppression: bool = False,
-                 echo_cancellation: bool = True, ns_level: int = 1) -> None:
+                 echo_cancellation: bool = True, ns_level: int = 1,
+                 echo_path_file: Path | None = None) -> None:
         from pywebrtc_audio import AudioProcessor
 
         self.reference = reference
+        # the linear filter's echo path, kept across restarts (None: learnt anew each start)
+        self.echo_path_file = echo_path_file
         self.noise_suppression = noise_suppression
         self.echo_cancellation = echo_cancellation
         self._apm = AudioProcessor(RATE, 1, echo_cancellation=echo_cancellation,
@@ -156,6 +161,7 @@ class EchoCanceller:
         if self.echo_cancellation and len(near):
             if self._linear is None:
                 self._linear = LinearEchoFilter(frame=linear_frame(len(near)))
+                self._load_echo_path()
             linear = self._linear.process(near.astype(np.float64), far.astype(np.float64))
             wake = np.clip(np.round(linear), -32768, 32767).astype(np.int16)
         self._account(near, out, far, wake)
@@ -181,6 +187,35 @@ class EchoCanceller:
             if o > 0 and 10 * np.log10(m / o) >= CONVERGED_ERLE_DB:
                 self.converged = True
                 log.info("echo canceller converged", far_s=round(self.stats.far_active_s, 1))
+                self.save_echo_path()
+
+    def _load_echo_path(self) -> None:
+        if self.echo_path_file is None or self._linear is None:
+            return
+        try:
+            with self.echo_path_file.open("rb") as file:
+                learnt = np.load(file, allow_pickle=False)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("the learnt echo path is unreadable; learning anew",
+                        file=str(self.echo_path_file), error=str(exc))
+            return
+        if self._linear.start_from(learnt):
+            log.info("echo path learnt before loaded", file=str(self.echo_path_file))
+
+    def save_echo_path(self) -> None:
+        """Keep the linear filter's echo path for the next start (written whole, then renamed:
+        a crash leaves the old file or the new one). A disk that refuses is a warning."""
+        if self.echo_path_file is None or self._linear is None:
+            return
+        partial = self.echo_path_file.with_name(self.echo_path_file.name + ".partial")
+        try:
+            with partial.open("wb") as file:
+                np.save(file, self._linear.echo_path, allow_pickle=False)
+            os.replace(partial, self.echo_path_file)
+        except OSError as exc:
+            log.warning("could not keep the learnt echo path", error=str(exc))
 
     def reset(self) -> None:
         self._apm.reset()
@@ -248,10 +283,11 @@ class EchoControl:
 
     def __init__(self, requested: str, reference: PlaybackReference | None, *,
                  noise_suppression: bool = False, probe_system=system_echo_source,
-                 on_change=None) -> None:
+                 on_change=None, echo_path_file: Path | None = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.requested = requested
+        self.echo_path_file = echo_path_file
         self.reference = reference
         self.noise_suppression = noise_suppression
         self._probe_system = probe_system
@@ -270,7 +306,8 @@ class EchoControl:
         aec = self.mode == "webrtc"
         ns = self.noise_suppression and webrtc_available() is None
         self.canceller = (EchoCanceller(self.reference or PlaybackReference(),
-                                        echo_cancellation=aec, noise_suppression=ns)
+                                        echo_cancellation=aec, noise_suppression=ns,
+                                        echo_path_file=self.echo_path_file)
                           if aec or ns else None)
         if ns:
             self.detail += "; WebRTC noise suppression on"
@@ -311,4 +348,8 @@ class EchoControl:
                 self._choose(None)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False)
+        """Keep what the canceller learnt of the room (on its own thread: it is not
+        thread-safe), then stop that thread."""
+        if self.canceller is not None:
+            self._executor.submit(self.canceller.save_echo_path)
+        self._executor.shutdown(wait=True)

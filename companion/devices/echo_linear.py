@@ -21,6 +21,8 @@ RATE = 16000
 COMPARE_S = 0.08  # the two paths are compared over the last 80 ms
 ADOPT_RATIO = 0.5  # the background must leave half the foreground's residual to be adopted
 DIVERGED_RATIO = 8.0  # a background this much worse (double talk) restarts from the foreground
+QUIET_POWER = 1e4  # mean square of ~-50 dBFS: a speaker below it is not playing
+MOVED_S = 0.25  # a filter worse than none for this long while the speaker plays is stale
 
 
 class LinearEchoFilter:
@@ -45,8 +47,9 @@ class LinearEchoFilter:
         self._weights = np.zeros((2, *shape), np.complex128)
         self._window = np.zeros(2 * frame)  # previous far frame, this far frame
         self._padded = np.zeros(2 * frame)  # zeros, this frame's error
-        self._residuals: list[tuple[float, float, float]] = []
+        self._residuals: list[tuple[float, float, float, float]] = []  # back, fore, mic, far
         self._constrain_next = 0
+        self._worse_frames = 0  # frames in a row the output held more than the microphone
         self._step = step
         # regularisation: a far end below ~-50 dBFS does not move the filter much
         self._floor = 1e4 * 2 * frame * self.partitions
@@ -70,8 +73,13 @@ class LinearEchoFilter:
         # far more than it talks, and this keeps the filter's cost to its speaking time
         self._quiet_frames = self._quiet_frames + 1 if not far.any() else 0
         if self._quiet_frames > self.partitions:
-            self._far_power[:] = 0.0  # every partition holds silence now
-            self._window[:] = 0.0
+            if self._quiet_frames == self.partitions + 1:
+                # every partition holds silence now: the history too, or the next sentence
+                # would be matched against the last one's spectra (and, with the power sum
+                # gone below zero, take a huge step that throws the converged filter away)
+                self._far[:] = 0.0
+                self._far_power[:] = 0.0
+                self._window[:] = 0.0
             return near
         self._window[:self.frame] = self._window[self.frame:]
         self._window[self.frame:] = far
@@ -86,7 +94,7 @@ class LinearEchoFilter:
         estimates = np.fft.irfft(np.einsum("wpk,pk->wk", self._weights, history))[:, self.frame:]
         background, foreground = near - estimates[0], near - estimates[1]
         self._adapt(background, history)
-        self._choose(background, foreground, near)
+        self._choose(background, foreground, near, far)
         return foreground
 
     def _adapt(self, error: np.ndarray, history: np.ndarray) -> None:
@@ -103,20 +111,43 @@ class LinearEchoFilter:
         taps[self.frame:] = 0.0
         background[i] = np.fft.rfft(taps)
 
-    def _choose(self, background: np.ndarray, foreground: np.ndarray, near: np.ndarray) -> None:
+    def _choose(self, background: np.ndarray, foreground: np.ndarray, near: np.ndarray,
+                far: np.ndarray) -> None:
         self._residuals.append((float(background @ background), float(foreground @ foreground),
-                                float(near @ near)))
+                                float(near @ near), float(far @ far)))
         if len(self._residuals) < self._compare:
             return
         self._residuals = self._residuals[-self._compare:]
-        back, fore, mic = (sum(v) for v in zip(*self._residuals, strict=True))
+        back, fore, mic, speaker = (sum(v) for v in zip(*self._residuals, strict=True))
         if back < ADOPT_RATIO * fore and back < mic:
             self._weights[1] = self._weights[0]
             self.adoptions += 1
         elif back > DIVERGED_RATIO * fore:
             self._weights[0] = self._weights[1]
-        if fore > mic:  # the echo path moved: a stale filter would add echo, not remove it
+        # the echo path moved: a stale filter adds echo instead of removing it. Judged only
+        # while the speaker plays and for a while: as the echo dies away after a sentence, and
+        # in the first frame of the next (before its echo arrives), the filter's leftover of
+        # almost nothing beats a silent microphone; that once threw the converged filter
+        # away before every sentence
+        playing = speaker > QUIET_POWER * self.frame * len(self._residuals)
+        self._worse_frames = self._worse_frames + 1 if fore > mic and playing else 0
+        if self._worse_frames * self.frame >= MOVED_S * RATE:
             self._weights[1] = 0.0
+            self._worse_frames = 0
+
+    @property
+    def echo_path(self) -> np.ndarray:
+        """The filter in use (the foreground): what the room does to the speaker's sound."""
+        return self._weights[1].copy()
+
+    def start_from(self, echo_path: np.ndarray) -> bool:
+        """Begin with an echo path learnt before (a device's speaker and microphone do not
+        move): the first words of its first reply are cancelled too. False (and nothing
+        changed) when it was learnt for another frame or tail."""
+        if echo_path.shape != self._weights.shape[1:] or not np.isfinite(echo_path).all():
+            return False
+        self._weights[0] = self._weights[1] = echo_path
+        return True
 
     def reset(self) -> None:
         self.__init__(frame=self.frame, tail_s=self._tail_s, step=self._step)
