@@ -88,11 +88,15 @@ class FasterWhisperTranscriber:
                     if w.word.strip()]
 
     def _run(self, audio: np.ndarray, language: str) -> Transcript:
+        # with timestamps: without them Whisper writes one segment and stops, and drops what
+        # follows a pause after a whole question ("What is the capital of Germany … and of
+        # France?" heard as "What is the capital of Germany?"); measured on 15 clips with
+        # pauses, mean WER 0.075 without, 0.04 with, for 3 % more time
         with self._lock, self.gate.priority():  # the user is waiting: background LLM work yields
             segments, info = self._model.transcribe(
                 audio, language=language,
                 beam_size=self.settings.beam_size, vad_filter=False,
-                condition_on_previous_text=False, without_timestamps=True,
+                condition_on_previous_text=False, without_timestamps=False,
             )
             text = " ".join(s.text.strip() for s in segments).strip()
         return Transcript(text=text, language=info.language, audio_s=len(audio) / 16000)
