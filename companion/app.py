@@ -48,6 +48,7 @@ log = structlog.get_logger(__name__)
 
 GIL_SWITCH_INTERVAL_S = 0.0005
 HOUSEKEEPING_EVERY_S = 3600.0
+MEMORY_TRIM_EVERY_S = 30.0  # freed heap memory goes back to the system this often (when idle)
 STORAGE_PROBE_S = 2.0  # while the disk refuses writes: how often to try one
 
 
@@ -333,6 +334,7 @@ class App:
                 group.create_task(run_control_link(self), name="control-link")
             group.create_task(systemd.supervise(self), name="systemd")
             group.create_task(self.housekeeping(), name="housekeeping")
+            group.create_task(self.release_memory(), name="release-memory")
 
     async def start_arbitration(self) -> None:
         """Several devices, one wake word: the control link (when it runs) and, in peer mode,
@@ -405,6 +407,15 @@ class App:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(HOUSEKEEPING_EVERY_S):
                     await self._housekeeping_due.wait()
+
+    async def release_memory(self, every_s: float = MEMORY_TRIM_EVERY_S) -> None:
+        """Now and then, while no turn runs, give freed heap memory back (companion.memory)."""
+        from companion.memory import release_free_memory
+
+        while True:
+            await asyncio.sleep(every_s)
+            if self.voice is None or not self.voice.busy:
+                await asyncio.to_thread(release_free_memory)
 
     def housekeeping_now(self) -> None:
         self._housekeeping_due.set()
