@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from companion.devices.echo import Cleaned, EchoCanceller, PlaybackReference
 from companion.room import Room, RoomConfig
 from scripts.bench_report import write_report

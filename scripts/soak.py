@@ -14,11 +14,12 @@ persona switches allocate for good (llama.cpp's per-persona prompt states, whisp
 buffers, the store's page cache), which is warm-up, not a leak. Measured from its end: turns,
 errors (each with what it was, warm-up included), and at the start and the end the RSS, open
 files, threads and asyncio tasks; per ten-minute slice (or per run, when shorter) the p50/p99 of
-end of speech → first audio, turns, errors and the resources at the slice's end; the RSS every
+end of speech → first audio (from the VAD's end of speech: the user's silence) and of endpoint
+decision → first audio, turns, errors and the resources at the slice's end; the RSS every
 sample and its trend (least squares, MB per ten minutes: a leak keeps climbing, warm-up levels
-off). RSS growth is given both from the end of warm-up (``rss_growth_percent``, the target) and
-from ready (``rss_growth_from_ready_percent``). Exit 1 when any error occurred; the summary is
-one JSON line, last.
+off). RSS growth over the measured run (``rss_growth_percent``, the target) compares the
+medians of its first and last sixth; it is also given point to point and from ready. Exit 1
+when any error occurred; the summary is one JSON line, last.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ class Soak:
         self.sample_s = sample_s
         self.workdir = workdir
         self.errors: list[dict[str, Any]] = []
-        self.turns: list[tuple[float, float | None]] = []  # (seconds into the run, e2e latency)
+        # (seconds into the run, end of speech → first audio, endpoint decision → first audio)
+        self.turns: list[tuple[float, float | None, float | None]] = []
         self.counts = {"voice_turns": 0, "chats": 0, "persona_switches": 0, "timers_set": 0,
                        "timers_rang": 0, "plane_restarts": 0, "pings": 0}
         self.started = 0.0  # the end of warm-up: the measured run starts here (times are from it)
@@ -123,8 +125,12 @@ class Soak:
     def on_event(self, event: Event) -> None:
         if event.type is EventType.TURN_END:
             self.counts["voice_turns"] += 1
-            e2e = (event.data.get("timings") or {}).get("end_of_speech_to_first_audio_s")
-            self.turns.append((time.monotonic() - self.started, e2e))
+            timings = event.data.get("timings") or {}
+            # the user's silence counts from the VAD's end of speech (the closing silence
+            # included); the pipeline's own time from the moment it decided the turn was over
+            self.turns.append((time.monotonic() - self.started,
+                               timings.get("speech_end_to_first_audio_s"),
+                               timings.get("end_of_speech_to_first_audio_s")))
         elif event.type is EventType.TURN_ERROR:
             self.error("turn", event.data)
         elif event.type is EventType.TIMER_RANG:
@@ -272,13 +278,16 @@ class Soak:
         slices = []
         for k in range(max(1, math.ceil(self.duration_s / SLICE_S))):
             lo, hi = k * SLICE_S, min((k + 1) * SLICE_S, self.duration_s)
-            e2e = [e for at, e in self.turns if lo <= at < hi and e is not None]
+            inside_turns = [t for t in self.turns if lo <= t[0] < hi]
             inside = [x for x in measured if lo <= x["at_s"] < hi + self.sample_s]
             slices.append({
                 "minutes": f"{lo / 60:g}-{hi / 60:g}",
-                "turns": sum(1 for at, _ in self.turns if lo <= at < hi),
+                "turns": len(inside_turns),
                 "errors": sum(1 for e in self.errors if lo <= e["at_s"] < hi),
-                "end_of_speech_to_first_audio": percentiles(e2e),
+                "end_of_speech_to_first_audio": percentiles(
+                    [t[1] for t in inside_turns if t[1] is not None]),
+                "decision_to_first_audio": percentiles(
+                    [t[2] for t in inside_turns if t[2] is not None]),
                 "start": _resources_of(inside[0]) if inside else None,
                 "end": _resources_of(inside[-1]) if inside else None,
                 "rss_max_mb": max((x["rss_mb"] for x in inside), default=None)})
@@ -291,7 +300,8 @@ class Soak:
                 "rss_growth_from_ready_percent": _growth(ready, end),
                 "rss_trend_mb_per_10_min": _trend(measured),
                 "slices": slices,
-                "all_turns": percentiles([e for at, e in self.turns if at >= 0 and e is not None]),
+                "all_turns": percentiles([t[1] for t in self.turns
+                                          if t[0] >= 0 and t[1] is not None]),
                 "rss_samples": [[x["at_s"], x["rss_mb"]] for x in self.samples]}
 
 
