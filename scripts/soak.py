@@ -177,10 +177,13 @@ class Soak:
                     start = resources()
                     await asyncio.sleep(self.duration_s)
                 finally:
-                    for task in tasks:
+                    # a driver that died is counted already (its callback); the rest are
+                    # stopped now, and one that fails while stopping is counted here
+                    running = [task for task in tasks if not task.done()]
+                    for task in running:
                         task.remove_done_callback(self._driver_died)
                         task.cancel()
-                    for result in await asyncio.gather(*tasks, return_exceptions=True):
+                    for result in await asyncio.gather(*running, return_exceptions=True):
                         if isinstance(result, Exception):
                             self.error("driver", f"{type(result).__name__}: {result}")
             if daemon.done():

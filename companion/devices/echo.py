@@ -161,7 +161,7 @@ class EchoCanceller:
         if self.echo_cancellation and len(near):
             if self._linear is None:
                 self._linear = LinearEchoFilter(frame=linear_frame(len(near)))
-                self._load_echo_path()
+                self._load_echo_path(self._linear)
             linear = self._linear.process(near.astype(np.float64), far.astype(np.float64))
             wake = np.clip(np.round(linear), -32768, 32767).astype(np.int16)
         self._account(near, out, far, wake)
@@ -189,8 +189,8 @@ class EchoCanceller:
                 log.info("echo canceller converged", far_s=round(self.stats.far_active_s, 1))
                 self.save_echo_path()
 
-    def _load_echo_path(self) -> None:
-        if self.echo_path_file is None or self._linear is None:
+    def _load_echo_path(self, linear: LinearEchoFilter) -> None:
+        if self.echo_path_file is None:
             return
         try:
             with self.echo_path_file.open("rb") as file:
@@ -201,7 +201,7 @@ class EchoCanceller:
             log.warning("the learnt echo path is unreadable; learning anew",
                         file=str(self.echo_path_file), error=str(exc))
             return
-        if self._linear.start_from(learnt):
+        if linear.start_from(learnt):
             log.info("echo path learnt before loaded", file=str(self.echo_path_file))
 
     def save_echo_path(self) -> None:
