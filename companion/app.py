@@ -495,8 +495,21 @@ def build_app(settings: CompanionSettings, *, features: Features | None = None,
 
 def install_signal_handlers(app: App, main_task: asyncio.Task) -> None:
     loop = asyncio.get_running_loop()
+    stopping = False
+
+    def stop() -> None:
+        """The first signal stops the daemon; one more (a second Ctrl-C, `timeout` forwarding
+        SIGTERM) must not cancel the shutdown itself, which left a traceback and the store
+        and echo path unsaved."""
+        nonlocal stopping
+        if stopping:
+            log.info("already stopping")
+            return
+        stopping = True
+        main_task.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, main_task.cancel)
+        loop.add_signal_handler(sig, stop)
 
     reloading: set[asyncio.Task] = set()
 

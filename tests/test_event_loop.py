@@ -152,3 +152,32 @@ async def test_the_real_speaker_resamples_and_opens_its_stream_in_a_worker_threa
     finally:
         sink.close()
     assert calls.seen == ["_ensure_stream", "resample"] and calls.on_loop == []
+
+
+async def test_a_second_stop_signal_does_not_cancel_the_shutdown(tmp_path: Path) -> None:
+    """SIGTERM stops the daemon; a second one (Ctrl-C twice, `timeout` forwarding SIGTERM)
+    arriving while it shuts down must let the shutdown finish, not cancel it."""
+    app = fake_app(make_settings(tmp_path))
+    loop = asyncio.get_running_loop()
+    shut_down = asyncio.Event()
+
+    async def daemon() -> None:
+        install_signal_handlers(app, asyncio.current_task())
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            os.kill(os.getpid(), signal.SIGTERM)  # the second signal, during the shutdown
+            await asyncio.sleep(0.2)  # the shutdown's own work
+            shut_down.set()
+            raise
+
+    task = asyncio.create_task(daemon())
+    try:
+        await asyncio.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+        async with asyncio.timeout(5):
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    assert shut_down.is_set()
