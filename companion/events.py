@@ -25,6 +25,7 @@ class EventType(StrEnum):
     SPEECH_START = "speech-start"
     END_OF_TURN = "end-of-turn"  # a pause judged: is the utterance complete? (probability)
     SPEECH_END = "speech-end"
+    SPEECH_RESUMED = "speech-resumed"  # the user went on after the endpoint: same utterance
     NO_SPEECH = "no-speech"
     STT_START = "stt-start"
     STT_END = "stt-end"
@@ -129,6 +130,15 @@ class SpeechEnd(Payload):
 
 
 @payload
+class SpeechResumed(Payload):
+    """Speech after the endpoint, before the answer was heard: the answer is dropped and the
+    utterance goes on (``turn.resume_window_s``)."""
+
+    audio_time_s: float  # where the new speech began, in the turn's audio
+    after_endpoint_s: float  # audio between the endpoint and the new speech
+
+
+@payload
 class NoSpeech(Payload):
     audio_s: float | None = None
     reason: str | None = None
@@ -158,7 +168,7 @@ class Command(Payload):
 @payload
 class LlmStart(Payload):
     persona_id: str
-    speculative: bool = False  # begun at the final pause, before the endpoint (speculation.py)
+    speculative: bool = False  # begun at the final pause, before the endpoint (answer.py)
     ahead_s: float | None = None  # how long before this event it was begun
 
 
@@ -315,6 +325,7 @@ PAYLOADS: dict[EventType, type[Payload]] = {
     EventType.SPEECH_START: SpeechStart,
     EventType.END_OF_TURN: EndOfTurn,
     EventType.SPEECH_END: SpeechEnd,
+    EventType.SPEECH_RESUMED: SpeechResumed,
     EventType.NO_SPEECH: NoSpeech,
     EventType.STT_START: SttStart,
     EventType.STT_END: SttEnd,

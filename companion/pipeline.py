@@ -18,18 +18,18 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
 
+from companion.answer import Answer
 from companion.arbitration import Arbiter, AudioClock, Round, measure_wake
-from companion.conversation import ConversationManager, Reply
+from companion.conversation import ConversationManager
 from companion.devices.audio import AudioSource
 from companion.devices.echo import EchoControl
 from companion.events import EventBus, EventType, PipelineState
 from companion.settings import CompanionSettings, VadSettings
-from companion.speculation import Speculation
 from companion.speech import SpeechOutput, SpeechStats
 from companion.stages.llm import Priority
 from companion.stages.sentences import SentenceSplitter
@@ -48,6 +48,7 @@ from companion.stages.vad import (
     NoiseFloor,
     SegmentState,
     SpeechClassifier,
+    SpeechSegmenter,
 )
 from companion.stages.wake import Detection, WakeDetector
 from companion.state import DeviceStatus, TurnTimings
@@ -107,7 +108,7 @@ class VoiceLoop:
             maxlen=max(1, int(WAKE_CONTEXT_S * 1000 / settings.audio.block_ms)))
         self._rounds: dict[str, Round] = {}
         self._audio_clock = AudioClock(settings.audio.block_ms / 1000)  # when a word was heard
-        self._ahead: dict[str, Speculation] = {}  # answers begun before the endpoint, by turn
+        self._ahead: dict[str, Answer] = {}  # answers begun before the endpoint, by turn
         self.noise_floor = NoiseFloor(block_s=settings.audio.block_ms / 1000)
 
     # --- the microphone pump --------------------------------------------------------------------
@@ -337,7 +338,12 @@ class VoiceLoop:
             vad = vad.model_copy(update={"no_speech_timeout_s": no_speech_timeout_s})
         try:
             self.status.set_state(PipelineState.LISTENING, turn_id)
-            transcript = await self._listen_and_transcribe(turn_id, queue, vad, TurnTimings(turn_id))
+            listener = _Listener(self, turn_id, vad)
+            try:
+                transcript = await self._listen_and_transcribe(turn_id, queue, listener,
+                                                               TurnTimings(turn_id))
+            finally:
+                listener.close()
         finally:
             if self._turn_audio is queue:
                 self._release_microphone()
@@ -406,37 +412,95 @@ class VoiceLoop:
         if follow_up:
             window = self._follow_up_window_s(persona)
             vad_settings = vad_settings.model_copy(update={"no_speech_timeout_s": window})
+        listener = _Listener(self, turn_id, vad_settings, answer_ahead=True)
+        more: list[bytes] = []  # audio after an endpoint where the user went on
         try:
-            transcript = await self._listen_and_transcribe(turn_id, audio, vad_settings, timings,
-                                                           answer_ahead=True)
-            if transcript is None:
-                return False
-            if self._turn_audio is audio:
-                self._release_microphone()  # the wake detector hears again (barge-in)
-            # an answer begun ahead is played only after this: arbitration decides first
-            if not await self._committed(turn_id):
-                return False
-            text = self._without_wake_phrase(transcript.text)
-            if not text:  # only the wake word (said again in a follow-up window): listen anew
-                self.bus.emit(EventType.NO_SPEECH, turn_id, reason="wake word only")
-                return not self.source_ended.is_set() and self._follow_up_window_s(persona) > 0
-            if self.intent_handler is not None and self.settings.pipeline.local_commands:
-                action = await self.intent_handler(text, turn_id)
-                if action is not None:  # the action registry emitted COMMAND if one ran
-                    if action.speak:
-                        await self._speak_text(action.speak, turn_id, timings)
-                    return action.expect_reply and self._follow_up_window_s(persona) > 0
-            self.status.set_state(PipelineState.THINKING, turn_id)
-            ahead = self._ahead.pop(turn_id, None)
-            if ahead is not None and (ahead.text != text or ahead.reply.persona_id != persona.id):
-                ahead.discard()  # written for other words (or another persona)
-                ahead = None
-            await self._answer(turn_id, text, timings, ahead)
-            return self._follow_up_window_s(persona) > 0
+            while True:
+                transcript = await self._listen_and_transcribe(turn_id, audio, listener, timings,
+                                                               replay=more)
+                if transcript is None:
+                    return False
+                # an answer begun ahead is played only after this: arbitration decides first
+                if not await self._committed(turn_id):
+                    return False
+                text = self._without_wake_phrase(transcript.text)
+                if not text:  # only the wake word (said again in a follow-up window): listen anew
+                    self.bus.emit(EventType.NO_SPEECH, turn_id, reason="wake word only")
+                    return not self.source_ended.is_set() and self._follow_up_window_s(persona) > 0
+                if self.intent_handler is not None and self.settings.pipeline.local_commands:
+                    action = await self.intent_handler(text, turn_id)
+                    if action is not None:  # the action registry emitted COMMAND if one ran
+                        self._hand_back_microphone(audio)
+                        if action.speak:
+                            await self._speak_text(action.speak, turn_id, timings)
+                        return action.expect_reply and self._follow_up_window_s(persona) > 0
+                self.status.set_state(PipelineState.THINKING, turn_id)
+                ahead = self._ahead.pop(turn_id, None)
+                if ahead is not None and (ahead.text != text or ahead.reply.persona_id != persona.id):
+                    ahead.discard()  # written for other words (or another persona)
+                    ahead = None
+                more = await self._answer_unless_resumed(turn_id, text, timings, ahead, audio,
+                                                         listener)
+                if not more:
+                    return self._follow_up_window_s(persona) > 0
+                self.status.set_state(PipelineState.LISTENING, turn_id)
         finally:
+            listener.close()
             # whatever was not adopted (a command, a lost arbitration, a barge-in) is dropped
             if (left := self._ahead.pop(turn_id, None)) is not None:
                 left.discard()
+
+    async def _answer_unless_resumed(self, turn_id: str, text: str, timings: TurnTimings,
+                                     ahead: Answer | None, audio: asyncio.Queue[bytes | None],
+                                     listener: _Listener) -> list[bytes]:
+        """Answer, while listening on until the answer is first heard: speech within
+        ``turn.resume_window_s`` of the endpoint means the user had not finished. Then the
+        answer is dropped (nothing was played or recorded) and the audio since the endpoint is
+        returned, for the utterance to go on; else ``[]`` once the answer is over."""
+        heard = asyncio.Event()
+        answer = asyncio.create_task(self._answer(turn_id, text, timings, ahead, heard=heard),
+                                     name=f"answer-{turn_id}")
+        after: list[bytes] = []  # the audio the watch took from the turn's queue
+        watch = None
+        if self._turn_audio is audio and self.settings.turn.resume_window_s > 0:
+            watch = asyncio.create_task(listener.watch_for_more(audio, heard, after),
+                                        name="resume-watch")
+        else:
+            self._hand_back_microphone(audio)
+        try:
+            if watch is not None:
+                await asyncio.wait({answer, watch}, return_when=asyncio.FIRST_COMPLETED)
+                resumed_after_s = watch.result() if watch.done() else None
+                if resumed_after_s is not None and not heard.is_set():
+                    answer.cancel()
+                    await asyncio.wait({answer})
+                    if answer.cancelled():  # nothing played, nothing recorded
+                        seg = listener.endpointer.segmenter
+                        self.bus.emit(EventType.SPEECH_RESUMED, turn_id,
+                                      audio_time_s=round(seg.audio_s + resumed_after_s, 3),
+                                      after_endpoint_s=round(resumed_after_s, 3))
+                        log.info("the user went on after the endpoint: same utterance",
+                                 after_endpoint_s=round(resumed_after_s, 3))
+                        return after
+                watch.cancel()
+                await asyncio.wait({watch})
+                self._hand_back_microphone(audio, after)
+            await answer
+            return []
+        finally:
+            pending = {t for t in (answer, watch) if t is not None and not t.done()}
+            for task in pending:
+                task.cancel()
+            if pending:  # the answer keeps what a barge-in let the user hear before we go
+                await asyncio.wait(pending)
+
+    def _hand_back_microphone(self, audio: asyncio.Queue[bytes | None],
+                              heard: list[bytes] | None = None) -> None:
+        """The turn listens no more: the wake word detector hears again (barge-in), and
+        catches up on what the turn heard since its endpoint."""
+        if self._turn_audio is audio:
+            self._release_microphone()
+            self._wake_backlog.extend(heard or ())
 
     def _follow_up_window_s(self, persona) -> float:
         """The persona's window, capped device-wide (pipeline.follow_up_window_s; 0 = off)."""
@@ -456,16 +520,18 @@ class VoiceLoop:
         return text.strip()
 
     async def _listen_and_transcribe(
-        self, turn_id: str, audio: asyncio.Queue[bytes | None], vad_settings: VadSettings,
-        timings: TurnTimings, *, answer_ahead: bool = False,
+        self, turn_id: str, audio: asyncio.Queue[bytes | None], listener: _Listener,
+        timings: TurnTimings, *, replay: list[bytes] | None = None,
     ) -> Transcript | None:
-        """``answer_ahead``: a turn (not ``listen_once``) may begin its answer at a pause judged
-        complete; the answer is left in ``self._ahead`` when the endpoint fell at that pause."""
-        listener = _Listener(self, turn_id, vad_settings, answer_ahead=answer_ahead)
-        self.bus.emit(EventType.LISTEN_START, turn_id)
+        """Listen up to the endpoint and transcribe. A listener made with ``answer_ahead`` may
+        begin its answer at a pause judged complete; the answer is left in ``self._ahead`` when
+        the endpoint fell at that pause. ``replay``: the user went on after the listener's
+        endpoint; this audio (since that endpoint) comes first."""
+        if not replay:
+            self.bus.emit(EventType.LISTEN_START, turn_id)
         self._listening = True
         try:
-            result = await listener.listen(audio)
+            result = await listener.listen(audio, replay=replay or ())
             decided_at = time.perf_counter()
             self._listening = False
             if result.state in (SegmentState.WAITING, SegmentState.NO_SPEECH) or not result.audio:
@@ -499,14 +565,18 @@ class VoiceLoop:
             return transcript
         finally:
             self._listening = False
-            listener.close()
 
     async def _answer(self, turn_id: str, text: str, timings: TurnTimings,
-                      ahead: Speculation | None = None) -> None:
+                      ahead: Answer | None = None, *, heard: asyncio.Event | None = None) -> None:
         """``ahead``: the answer begun at the final pause (its LLM text and first sentence's
-        audio are taken over; its events start now, as it becomes this turn's answer)."""
+        audio are taken over; its events start now, as it becomes this turn's answer).
+        ``heard`` is set at the first audio: until then the turn may drop the answer (the user
+        went on talking), and nothing of it is recorded."""
         persona = self.conversation.active_persona
-        reply = ahead.reply if ahead is not None else Reply(turn_id, "", persona.id, text)
+        answer = ahead if ahead is not None else Answer(
+            self.conversation, self.speech.tts, turn_id=turn_id, text=text, pause_began_s=-1.0,
+            ahead=False)
+        reply = answer.reply
         llm_started = time.perf_counter()
         self.bus.emit(EventType.LLM_START, turn_id, persona_id=persona.id,
                       speculative=ahead is not None,
@@ -515,9 +585,7 @@ class VoiceLoop:
         async def sentences() -> AsyncIterator[str]:
             splitter = SentenceSplitter()
             first_token = True
-            deltas = ahead.adopt() if ahead is not None else self.conversation.respond(
-                text, reply=reply, turn_id=turn_id, source="voice", priority=Priority.VOICE)
-            async with contextlib.aclosing(deltas):  # barge-in stops the LLM at once
+            async with contextlib.aclosing(answer.adopt()) as deltas:  # barge-in stops the LLM
                 async for delta in deltas:
                     if first_token:
                         first_token = False
@@ -534,17 +602,27 @@ class VoiceLoop:
                           tokens=reply.stats.completion_tokens,
                           took_s=round(time.perf_counter() - llm_started, 4))
 
+        def on_heard() -> None:
+            answer.keep()
+            if heard is not None:
+                heard.set()
+
         stats = SpeechStats()
         try:
             await self._speak(sentences(), turn_id, timings, persona.voice_config.params(),
-                              stats=stats, prepared=ahead.prepared() if ahead else None)
+                              stats=stats, prepared=answer.prepared(), on_first_audio=on_heard)
+            await answer.finished()  # the history record (kept even when nothing was said)
         except asyncio.CancelledError:
+            answer.discard()
             if stats.first_audio_at is not None or reply.completed:
                 # barge-in: keep what the user heard (written in the background: this task is
                 # being cancelled, and the next turn only reads history once the user spoke)
                 task = asyncio.create_task(self.conversation.keep_played(reply, stats.played_text))
                 self._turns.add(task)
                 task.add_done_callback(self._turns.discard)
+            raise
+        except BaseException:
+            answer.discard()
             raise
 
     def _on_sentence(self, turn_id: str, sentence: str, llm_started: float,
@@ -554,7 +632,8 @@ class VoiceLoop:
         self.bus.emit(EventType.LLM_SENTENCE, turn_id, text=sentence)
 
     async def _speak(self, sentences: AsyncIterator[str], turn_id: str, timings: TurnTimings,
-                     voice, stats: SpeechStats | None = None, prepared=None) -> None:
+                     voice, stats: SpeechStats | None = None, prepared=None,
+                     on_first_audio: Callable[[], None] | None = None) -> None:
         def first_audio() -> None:
             self.status.set_state(PipelineState.SPEAKING, turn_id)
             if timings._deadline is not None:
@@ -564,6 +643,8 @@ class VoiceLoop:
                 timings.speech_end_to_first_audio_s = (
                     timings.end_of_speech_to_first_audio_s + timings._silence_window_s)
                 timings._decided_at = None
+            if on_first_audio is not None:
+                on_first_audio()
 
         stats = await self.speech.speak(sentences, voice, turn_id=turn_id,
                                         on_first_audio=first_audio, stats=stats,
@@ -655,11 +736,20 @@ class _Listener:
         self._context: list | None = None
         self.silence_at_end_s = 0.0
         self.answer_ahead = answer_ahead and settings.turn.speculative_answer and self.policy.semantic
-        self.speculation: Speculation | None = None
+        self.speculation: Answer | None = None
 
-    async def listen(self, audio: asyncio.Queue[bytes | None]) -> EndpointResult:
+    async def listen(self, audio: asyncio.Queue[bytes | None],
+                     replay: Iterable[bytes] = ()) -> EndpointResult:
+        """Up to the endpoint. ``replay``: the user went on after the last endpoint; the
+        utterance opens again and takes this audio (heard since that endpoint) first."""
         endpointer, seg = self.endpointer, self.endpointer.segmenter
         state = SegmentState.WAITING
+        if replay:
+            seg.resume()
+            for block in replay:
+                state = endpointer.feed(block)
+            if state is SegmentState.SPEECH:
+                self._maybe_partial_pass()
         while state in (SegmentState.WAITING, SegmentState.SPEECH):
             block = await audio.get()
             if block is None:  # the microphone ended (end of a WAV)
@@ -677,6 +767,45 @@ class _Listener:
                 state = await self._at_pause()
         self.silence_at_end_s = seg._silence_run_s if seg.speech_end_s is not None else 0.0
         return endpointer.result()
+
+    async def watch_for_more(self, audio: asyncio.Queue[bytes | None], heard: asyncio.Event,
+                             into: list[bytes]) -> float | None:
+        """After the endpoint, until the answer is heard: does the user go on talking within
+        ``turn.resume_window_s``? Speech starts as an utterance does (``vad.speech_start_s``
+        of it, above the room's noise). Returns the audio seconds after the endpoint where it
+        began, or None; every block taken from ``audio`` is appended to ``into``."""
+        window = self.loop.settings.turn.resume_window_s
+        seg = SpeechSegmenter(self.endpointer.settings.model_copy(
+            update={"no_speech_timeout_s": window, "pre_roll_s": 0.0}))
+        classifier = self.endpointer.classifier
+        heard_wait = asyncio.ensure_future(heard.wait())
+        block_wait: asyncio.Future[bytes | None] | None = None
+        try:
+            while not heard.is_set():
+                block_wait = asyncio.ensure_future(audio.get())
+                await asyncio.wait({block_wait, heard_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if not block_wait.done():
+                    return None  # heard: the answer plays
+                block, block_wait = block_wait.result(), None
+                if block is None:  # the microphone ended: the marker stays for whoever is next
+                    _offer(audio, None)
+                    return None
+                into.append(block)
+                state = seg.process(len(block) / 32000, classifier.is_speech(block))
+                if state is SegmentState.SPEECH:
+                    return seg.speech_start_s
+                if state is SegmentState.NO_SPEECH:
+                    return None
+            return None
+        finally:
+            heard_wait.cancel()
+            if block_wait is not None:
+                if block_wait.done() and not block_wait.cancelled():
+                    if (block := block_wait.result()) is not None:
+                        into.append(block)  # taken from the queue as we were stopped
+                    else:
+                        _offer(audio, None)
+                block_wait.cancel()
 
     def _maybe_partial_pass(self) -> None:
         """While the person talks: a background pass every ``partial_every_s`` of speech."""
@@ -718,7 +847,7 @@ class _Listener:
 
     def _speculate(self, transcript: Transcript, pause_began: float) -> None:
         """The words so far are a whole question and the closing silence is still being
-        counted: begin the answer now (``companion.speculation``)."""
+        counted: begin the answer now (``companion.answer``)."""
         if not self.answer_ahead or (self.speculation is not None
                                      and self.speculation.pause_began_s == pause_began):
             return
@@ -726,7 +855,7 @@ class _Listener:
         if not text:
             return
         self._drop_speculation()
-        self.speculation = Speculation(self.loop.conversation, self.loop.speech.tts,
+        self.speculation = Answer(self.loop.conversation, self.loop.speech.tts,
                                        turn_id=self.turn_id, text=text, pause_began_s=pause_began)
         log.debug("answer begun ahead of the endpoint", audio_time_s=pause_began)
 
@@ -736,7 +865,7 @@ class _Listener:
             self.speculation = None
             log.debug("answer begun ahead discarded: speech resumed")
 
-    def take_speculation(self, result: EndpointResult) -> Speculation | None:
+    def take_speculation(self, result: EndpointResult) -> Answer | None:
         """The answer begun at the pause where the utterance ended, if any (the caller owns
         it now); one begun at an earlier pause is discarded."""
         speculation, self.speculation = self.speculation, None

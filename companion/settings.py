@@ -171,6 +171,12 @@ class TurnSettings(_Section):
     partial_every_s: float = Field(
         0.8, ge=0.2, description="New speech between two background transcription passes."
     )
+    resume_window_s: float = Field(
+        1.0, ge=0.0, description="After the endpoint, speech within this much audio, before "
+        "any of the answer is heard, goes on with the same utterance (a pause after \"a short "
+        "recipe for pancakes\" then \"with bananas\"): the answer being prepared is dropped "
+        "without a trace and the whole utterance is answered. 0 = off."
+    )
     speculative_answer: bool = Field(
         True, description="When a pause is judged a complete question, begin the answer (LLM "
         "and the first sentence's synthesis) while the rest of the closing silence is counted; "

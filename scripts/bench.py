@@ -159,7 +159,6 @@ def voice_tables(voice: dict) -> list[str]:
             continue  # a variant that was not run
         lines.append(f"| {label} | " + " | ".join(cell(f"waterfall.{mode}.{s}") for s in STAGE_LABELS)
                      + f" | **{cell(f'waterfall.{mode}.silence_to_first_audio_s')}** |")
-    cuts = summary.get("cut_offs", {})
     stt = summary.get("transcription", {})
     lines += ["", "| voice measure | value |", "|---|---|",
               f"| ours ÷ non-streaming, replies of 3+ sentences | "
@@ -181,7 +180,9 @@ def voice_tables(voice: dict) -> list[str]:
               f"{cell('transcription.cpu_s_per_audio_minute.ours')} / "
               f"{cell('transcription.cpu_s_per_audio_minute.sequential')} |",
               f"| cut-offs on {summary.get('pausy_clips')} clips with a 0.7 s pause, ours / sequential"
-              f" | {cuts.get('ours')} / {cuts.get('sequential')} |"]
+              f" | {cell('cut_offs.ours')} / {cell('cut_offs.sequential')} |",
+              f"| the user went on after an endpoint, the answer being prepared dropped (ours) | "
+              f"{cell('resumed.ours')} |"]
     return lines
 
 

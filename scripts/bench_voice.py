@@ -198,27 +198,39 @@ def turn_measurements(events: list, clips: list[Clip], source: ClockedSource) ->
                      "turns": len(turns)}
         if turns:
             row["turn_id"] = turns[0][0].turn_id
-            first = {e.type.value: e for e in reversed(turns[0])}  # earliest of each type
             said = source.said_at(clip.speech_end_s)
             ends = [e for e in turns[0] if e.type.value == "speech-end"]
+            # the utterance answered is the last one: the user may have gone on after an
+            # endpoint (speech-resumed), and the answer being prepared was then dropped
+            answered = turns[0][turns[0].index(ends[-1]):] if ends else turns[0]
+            first = {e.type.value: e for e in reversed(answered)}  # earliest of each type
             stt = first.get("stt-end")
             sentence = first.get("llm-sentence")
             llm_start = first.get("llm-start")
             row["speculative"] = bool(llm_start and llm_start.data.get("speculative"))
+            row["resumed"] = sum(1 for e in turns[0] if e.type.value == "speech-resumed")
             play = first.get("playback-start")
             row["transcript"] = stt.data["text"] if stt else ""
-            row["cut_off"] = len(ends) > 1 or len(turns) > 1 or not row["transcript"] or \
+            # cut off: something was answered before the user had finished, or the answer
+            # was to fewer words than were said
+            played_early = any(e.type.value == "playback-start" for e in
+                               turns[0][: turns[0].index(ends[-1])]) if ends else False
+            row["cut_off"] = played_early or len(turns) > 1 or not row["transcript"] or \
                 normalize(row["transcript"]).split()[-1:] != clip.reference.split()[-1:]
-            row["end_reason"] = ends[0].data.get("end_reason") if ends else None
-            row["end_probability"] = ends[0].data.get("end_probability") if ends else None
+            row["end_reason"] = ends[-1].data.get("end_reason") if ends else None
+            row["end_probability"] = ends[-1].data.get("end_probability") if ends else None
             row["stt_after_endpoint_s"] = stt.data["took_s"] if stt else None
             row["stt_passes"] = stt.data.get("passes") if stt else None
             row["stt_decoded_audio_s"] = stt.data.get("decoded_audio_s") if stt else None
             row["first_sentence"] = sentence.data["text"] if sentence else None
-            if ends and stt and sentence and play:
+            if ends and stt and sentence and play and row["cut_off"]:
+                # an answer to part of the question: its latency is no latency (it may even
+                # come before the question is over); the medians leave it out
+                row["cut_off_first_audio_s"] = round(play.timestamp - said, 4)
+            elif ends and stt and sentence and play:
                 row["stages"] = {
-                    "endpoint_s": round(ends[0].timestamp - said, 4),
-                    "stt_s": round(stt.timestamp - ends[0].timestamp, 4),
+                    "endpoint_s": round(ends[-1].timestamp - said, 4),
+                    "stt_s": round(stt.timestamp - ends[-1].timestamp, 4),
                     "llm_first_sentence_s": round(sentence.timestamp - stt.timestamp, 4),
                     "tts_first_audio_s": round(play.timestamp - sentence.timestamp, 4),
                 }
@@ -360,7 +372,11 @@ def report(modes: dict, clips: list[Clip]) -> dict:
         "cut_offs": {m: sum(1 for i in pausy if modes[m]["rows"][i].get("cut_off", True))
                      for m in modes},
         "pausy_clips": len(pausy),
-        "unanswered": {m: sum(1 for r in modes[m]["rows"] if "stages" not in r) for m in modes},
+        "unanswered": {m: sum(1 for r in modes[m]["rows"]
+                              if "stages" not in r and "cut_off_first_audio_s" not in r)
+                       for m in modes},
+        # the user went on after an endpoint and the answer being prepared was dropped
+        "resumed": {m: sum(r.get("resumed", 0) for r in modes[m]["rows"]) for m in modes},
     }
     return summary
 

@@ -278,3 +278,67 @@ async def test_an_answer_begun_ahead_plays_only_once_the_turn_is_committed(tmp_p
     assert only(events, EventType.LLM_START)[0]["speculative"] is True
     assert [e["text"] for e in only(events, EventType.PLAYBACK_START)] == ["Berlin.", "It is big."]
     await app.aclose()
+
+
+def resumed_after_endpoint(events: list[Event]):
+    """A microphone condition: the utterance has ended once (the answer is being prepared)."""
+    return lambda: any(e.type is EventType.SPEECH_END for e in events)
+
+
+async def run_resuming(tmp_path, *, tts: FakeSynthesizer, gate=None,
+                       events: list[Event] | None = None, **settings):
+    """ "what is the capital of germany" (complete), 0.6 s of silence (the endpoint falls at
+    0.25 s), then "please": the microphone goes on past the pause once ``gate`` holds."""
+    llm = FakeTurnChatModel("Berlin. It is big.")
+    blocks = pausy(6, 1, pause_blocks=20)
+    events = [] if events is None else events
+    resume = blocks.index(BLOCK, 7 + 30) + 20  # the first block of "please"
+    blocks.insert(resume, gate or resumed_after_endpoint(events))
+    app = fake_app(make_settings(tmp_path, pipeline={"follow_up_window_s": 0}, **settings),
+                   source=GatedMic(blocks), stt=BlockWordsTranscriber([*WORDS, "please"]),
+                   llm=llm, tts=tts)
+    app.bus.add_callback(events.append)
+    await app.start()
+    await run_mic(app, limit_s=10)
+    return app, events, llm
+
+
+async def test_going_on_after_the_endpoint_drops_the_answer_and_answers_the_whole(tmp_path):
+    """The answer to "what is the capital of germany" is being prepared (its first sentence
+    takes 0.5 s to synthesize) when "please" comes: nothing of it is played or kept."""
+    app, events, llm = await run_resuming(tmp_path, tts=FakeSynthesizer(delay_s=0.5))
+    resumed = only(events, EventType.SPEECH_RESUMED)
+    assert len(resumed) == 1 and 0.3 <= resumed[0]["after_endpoint_s"] <= 0.4, resumed
+    assert [e["text"] for e in only(events, EventType.STT_END)] == [
+        "what is the capital of germany", "what is the capital of germany please"]
+    assert [p[-1]["content"] for p in llm.prompts] == [  # the first answer was only written
+        "what is the capital of germany", "what is the capital of germany please"]
+    assert [e["user_text"] for e in only(events, EventType.EXCHANGE_RECORDED)] == [
+        "what is the capital of germany please"]
+    assert history(app) == [("user", "what is the capital of germany please"),
+                            ("assistant", "Berlin. It is big.")]
+    assert [e["text"] for e in only(events, EventType.PLAYBACK_START)] == ["Berlin.", "It is big."]
+    assert not only(events, EventType.REPLY_INTERRUPTED)
+    kinds = [e.type for e in events]
+    assert kinds.count(EventType.TURN_START) == 1 and EventType.TURN_CANCELLED not in kinds
+    await app.aclose()
+
+
+async def test_speech_after_the_answer_is_heard_is_not_the_same_utterance(tmp_path):
+    events: list[Event] = []
+    app, events, _ = await run_resuming(
+        tmp_path, tts=FakeSynthesizer(), events=events,
+        gate=lambda: any(e.type is EventType.PLAYBACK_START for e in events))
+    assert not only(events, EventType.SPEECH_RESUMED)
+    assert [e["user_text"] for e in only(events, EventType.EXCHANGE_RECORDED)] == [
+        "what is the capital of germany"]
+    await app.aclose()
+
+
+async def test_going_on_after_the_endpoint_can_be_turned_off(tmp_path):
+    app, events, _ = await run_resuming(tmp_path, tts=FakeSynthesizer(delay_s=0.5),
+                                        turn={"resume_window_s": 0})
+    assert not only(events, EventType.SPEECH_RESUMED)
+    assert [e["user_text"] for e in only(events, EventType.EXCHANGE_RECORDED)] == [
+        "what is the capital of germany"]
+    await app.aclose()

@@ -158,3 +158,31 @@ def test_whisper_keeps_what_follows_a_pause_after_a_whole_question(tmp_path):
             assert tail in heard, heard
     finally:
         stt.close()
+
+
+def test_going_on_after_a_whole_phrase_is_answered_as_one_question(tmp_path):
+    """ "Please give me a short recipe for pancakes" is a whole request: the turn ends a
+    quarter of a second into the 0.7 s pause and its answer is prepared; "with bananas and
+    honey" follows before any of it is heard. In real time (the file paced like a microphone),
+    the prepared answer is dropped and the whole request is answered and kept, once."""
+    clip = make(tmp_path / "q.wav", wake="Hey Jarvis.",
+                text="Please give me a short recipe for pancakes | with bananas and honey.",
+                pause_s=0.7)
+    events_path = tmp_path / "events.jsonl"
+    result = companion("simulate", "--input", str(clip), "--output", str(tmp_path / "out.wav"),
+                       "--events", str(events_path),
+                       env={"COMPANION_PIPELINE__FOLLOW_UP_WINDOW_S": "0",
+                            "COMPANION_PIPELINE__TURN_TIMEOUT_S": "300"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    events = read_events(events_path)
+    ends = [e for e in events if e["type"] == "speech-end"]
+    resumed = [e for e in events if e["type"] == "speech-resumed"]
+    assert ends[0]["end_reason"] == "complete", ends  # "... for pancakes" ended the turn
+    assert len(resumed) == 1 and len(ends) == 2, (resumed, ends)
+    kept = [e for e in events if e["type"] == "exchange-recorded"]
+    assert len(kept) == 1, kept
+    said = kept[0]["user_text"].lower()
+    assert "pancakes" in said and "honey" in said, said
+    last_end = events.index(ends[-1])
+    played = [i for i, e in enumerate(events) if e["type"] == "playback-start"]
+    assert played and min(played) > last_end  # nothing of the first answer was heard

@@ -91,6 +91,16 @@ class SpeechSegmenter:
             self.speech_end_s = self.audio_s - self._silence_run_s
         return self.state
 
+    def resume(self) -> SegmentState:
+        """The user went on after the end (``turn.resume_window_s``): the utterance is open
+        again and its silence is counted anew from here. An utterance cut at its maximum
+        length stays ended."""
+        if self.state is SegmentState.ENDED and not self.hit_max_length:
+            self.state = SegmentState.SPEECH
+            self.speech_end_s = None
+            self._silence_run_s = 0.0
+        return self.state
+
     @property
     def silence_s(self) -> float:
         """Silence since the last speech inside an utterance (0 when not in speech)."""

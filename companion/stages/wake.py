@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import types
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -103,6 +104,9 @@ class OpenWakeWordDetector:
         self._clean_features = (features.melspectrogram_buffer.copy(), features.feature_buffer.copy())
         self._pending = np.zeros(0, dtype=np.int16)
         self._samples_seen = 0
+        # one thread of its own: openWakeWord's state is not shared, and the same thread's
+        # warm caches score the next chunk cheaper than a pool's next free thread does
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wake")
 
     async def process(self, block: bytes) -> Detection | None:
         self._pending = np.concatenate([self._pending, np.frombuffer(block, dtype=np.int16)])
@@ -110,7 +114,8 @@ class OpenWakeWordDetector:
             return None
         usable = len(self._pending) - len(self._pending) % CHUNK_SAMPLES
         audio, self._pending = self._pending[:usable], self._pending[usable:]
-        return await asyncio.to_thread(self._predict_chunks, audio)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._predict_chunks,
+                                                                audio)
 
     def _predict_chunks(self, audio: np.ndarray) -> Detection | None:
         found = None
