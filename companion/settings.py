@@ -104,6 +104,18 @@ class WakeSettings(_Section):
         2.0, ge=0.0, description="Audio seconds after a detection in which the word cannot fire."
     )
     enabled: bool = Field(True, description="Listen for wake words at all.")
+    speech_gate: bool = Field(
+        True, description="Score only around speech: in a quiet room openWakeWord rests, and "
+        "at the first sign of speech it is given the audio just before it (gate_context_s) "
+        "and scores on until gate_hold_s without speech."
+    )
+    gate_context_s: float = Field(
+        2.0, ge=0.5, le=5.0, description="Audio before the speech that woke the gate, scored "
+        "first: openWakeWord needs about 2 s to fill its feature window."
+    )
+    gate_hold_s: float = Field(
+        2.0, ge=0.3, description="Silence after which openWakeWord rests again."
+    )
 
     def threshold_for(self, word: str) -> float:
         return self.thresholds.get(word, self.threshold)

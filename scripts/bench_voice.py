@@ -15,7 +15,7 @@ adds two variants of ours):
 - ``streaming`` (a variant): ours with ``turn.streaming_stt`` (transcription passes while the
   person talks); ``no_speculation`` (a variant): ours with ``turn.speculative_answer`` off;
 - ``sequential``: a fixed 0.6 s silence window, transcription after the endpoint (as Home
-  Assistant's Assist does), streamed LLM and TTS;
+  Assistant's Assist does), streamed LLM and TTS, no going on after the endpoint;
 - ``non_streaming``: the sequential endpoint, then whole transcript → whole reply → whole
   synthesis → play. Its stages are the bare models timed on the same utterances and prompts
   right after the sequential run (no playback plumbing, so it flatters the baseline).
@@ -75,7 +75,7 @@ LONG_UTTERANCE_S = 3.0
 
 MODES = {
     "ours": {},
-    "sequential": {"turn": {"semantic": False, "streaming_stt": False},
+    "sequential": {"turn": {"semantic": False, "streaming_stt": False, "resume_window_s": 0},
                    "pipeline": {"speculative_stt": False}, "vad": {"silence_end_s": 0.6}},
     "streaming": {"turn": {"streaming_stt": True}},
     "no_speculation": {"turn": {"speculative_answer": False}},

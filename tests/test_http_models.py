@@ -44,17 +44,20 @@ async def test_real_stream_first_delta_before_the_end(real_api):
         started = loop.time()
         r = await client.post("/v1/chat/stream", json={
             "message": "Describe a sunny morning in the park.", "max_tokens": 80})
-        times: dict[str, float] = {}
+        arrivals: list[float] = []  # of each delta
         text = []
         async for event, data in sse_events(r):
-            times.setdefault(event, loop.time() - started)
             if event == "message":
+                arrivals.append(loop.time() - started)
                 text.append(data["delta"])
             elif event == "done":
                 done = data
     assert "".join(text).strip()
     assert done["tokens"]["completion"] > 5
-    assert times["message"] < times["done"] / 2
+    # streamed as written, not sent at the end: the deltas came at several moments, spread
+    # over the writing (a fixed share of the whole flaked when the prompt was read cold)
+    assert len({round(t, 2) for t in arrivals}) >= 3, arrivals
+    assert arrivals[-1] - arrivals[0] > 0.1, arrivals
 
 
 async def test_real_stream_disconnect_frees_the_llm(real_api):

