@@ -462,7 +462,8 @@ class VoiceLoop:
                                      name=f"answer-{turn_id}")
         after: list[bytes] = []  # the audio the watch took from the turn's queue
         watch = None
-        if self._turn_audio is audio and self.settings.turn.resume_window_s > 0:
+        if (self._turn_audio is audio and self.settings.turn.resume_window_s > 0
+                and not listener.endpointer.segmenter.hit_max_length):  # that one stays cut
             watch = asyncio.create_task(listener.watch_for_more(audio, heard, after),
                                         name="resume-watch")
         else:
@@ -481,6 +482,8 @@ class VoiceLoop:
                                       after_endpoint_s=round(resumed_after_s, 3))
                         log.info("the user went on after the endpoint: same utterance",
                                  after_endpoint_s=round(resumed_after_s, 3))
+                        timings.llm_first_token_s = timings.llm_first_sentence_s = None
+                        timings.tts_first_sentence_s = None
                         return after
                 watch.cancel()
                 await asyncio.wait({watch})
@@ -501,6 +504,9 @@ class VoiceLoop:
         if self._turn_audio is audio:
             self._release_microphone()
             self._wake_backlog.extend(heard or ())
+            while not audio.empty():  # heard since, not yet taken (a command was running)
+                if (block := audio.get_nowait()) is not None:
+                    self._wake_backlog.append(block)
 
     def _follow_up_window_s(self, persona) -> float:
         """The persona's window, capped device-wide (pipeline.follow_up_window_s; 0 = off)."""
@@ -637,7 +643,8 @@ class VoiceLoop:
         def first_audio() -> None:
             self.status.set_state(PipelineState.SPEAKING, turn_id)
             if timings._deadline is not None:
-                timings._deadline.reschedule(None)
+                with contextlib.suppress(RuntimeError):  # it expired: the turn is ending
+                    timings._deadline.reschedule(None)
             if timings._decided_at is not None:
                 timings.end_of_speech_to_first_audio_s = time.perf_counter() - timings._decided_at
                 timings.speech_end_to_first_audio_s = (
@@ -683,7 +690,9 @@ class VoiceLoop:
             return
         self.status.muted = muted
         if muted and self._turn_audio is not None:
-            if self.turn is not None and not self.turn.done():
+            # a turn still listening stops; one past its endpoint answers (it only stops
+            # watching for the user going on)
+            if self._listening and self.turn is not None and not self.turn.done():
                 self.turn.cancel()
             self._release_microphone()
         if muted:
@@ -791,7 +800,9 @@ class _Listener:
                     _offer(audio, None)
                     return None
                 into.append(block)
-                state = seg.process(len(block) / 32000, classifier.is_speech(block))
+                # the device itself speaking (an announcement before the answer) is not the user
+                speech = not self.loop.speech.playing.is_set() and classifier.is_speech(block)
+                state = seg.process(len(block) / 32000, speech)
                 if state is SegmentState.SPEECH:
                     return seg.speech_start_s
                 if state is SegmentState.NO_SPEECH:

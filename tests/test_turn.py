@@ -342,3 +342,33 @@ async def test_going_on_after_the_endpoint_can_be_turned_off(tmp_path):
     assert [e["user_text"] for e in only(events, EventType.EXCHANGE_RECORDED)] == [
         "what is the capital of germany"]
     await app.aclose()
+
+
+async def test_muting_past_the_endpoint_lets_the_answer_play(tmp_path):
+    """The microphone goes off (the mute button) while the answer is being prepared: the
+    device stops listening for the user going on, and still answers what was said."""
+    events: list[Event] = []
+    apps: list = []
+
+    def mute_at_the_endpoint() -> bool:
+        if not any(e.type is EventType.SPEECH_END for e in events):
+            return False
+        apps[0].voice.set_muted(True)
+        return True
+
+    llm = FakeTurnChatModel("Berlin. It is big.")
+    blocks = pausy(6, 1, pause_blocks=20)
+    blocks.insert(blocks.index(BLOCK, 7 + 30) + 12, mute_at_the_endpoint)
+    app = fake_app(make_settings(tmp_path, pipeline={"follow_up_window_s": 0}),
+                   source=GatedMic(blocks), stt=BlockWordsTranscriber([*WORDS, "please"]),
+                   llm=llm, tts=FakeSynthesizer(delay_s=0.3))
+    apps.append(app)
+    app.bus.add_callback(events.append)
+    await app.start()
+    await run_mic(app, limit_s=10)
+    assert not only(events, EventType.SPEECH_RESUMED)  # "please" was never heard
+    assert EventType.TURN_CANCELLED not in [e.type for e in events]
+    assert [e["text"] for e in only(events, EventType.PLAYBACK_START)] == ["Berlin.", "It is big."]
+    assert [e["user_text"] for e in only(events, EventType.EXCHANGE_RECORDED)] == [
+        "what is the capital of germany"]
+    await app.aclose()
