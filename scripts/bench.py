@@ -249,7 +249,7 @@ def waterfall_png(voice: dict, path: Path) -> bool:
         ax.text(left + 0.02, row, f"{falls[mode]['silence_to_first_audio_s']:.2f} s", va="center")
     ax.set_yticks(range(len(modes)), [MODE_LABELS[m] for m in reversed(modes)])
     ax.set_xlabel("seconds from the end of speech to the first audio (median)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
     ax.set_xlim(0, max(falls[m]["silence_to_first_audio_s"] for m in modes) * 1.2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
