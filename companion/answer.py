@@ -31,7 +31,6 @@ class Answer:
                  text: str, pause_began_s: float, ahead: bool = True) -> None:
         self.text = text
         self.pause_began_s = pause_began_s  # the pause (audio seconds) these words ended at
-        self.ahead = ahead  # begun before the endpoint
         self.started = time.perf_counter()
         self.first_token_s: float | None = None  # from the start of the answer
         persona = conversation.active_persona
@@ -46,6 +45,7 @@ class Answer:
         self.first_sentence: str | None = None
         self._first_clip: asyncio.Task[AudioClip] | None = None
         self._writer = asyncio.create_task(self._write(conversation, turn_id), name="answer")
+        # begun before the endpoint: the first sentence is synthesized meanwhile
         self._reader = asyncio.create_task(self._prepare(), name="answer-tts") if ahead else None
 
     async def _write(self, conversation: ConversationManager, turn_id: str) -> None:

@@ -618,17 +618,15 @@ class VoiceLoop:
             await self._speak(sentences(), turn_id, timings, persona.voice_config.params(),
                               stats=stats, prepared=answer.prepared(), on_first_audio=on_heard)
             await answer.finished()  # the history record (kept even when nothing was said)
-        except asyncio.CancelledError:
+        except BaseException as exc:
             answer.discard()
-            if stats.first_audio_at is not None or reply.completed:
+            if isinstance(exc, asyncio.CancelledError) and (
+                    stats.first_audio_at is not None or reply.completed):
                 # barge-in: keep what the user heard (written in the background: this task is
                 # being cancelled, and the next turn only reads history once the user spoke)
                 task = asyncio.create_task(self.conversation.keep_played(reply, stats.played_text))
                 self._turns.add(task)
                 task.add_done_callback(self._turns.discard)
-            raise
-        except BaseException:
-            answer.discard()
             raise
 
     def _on_sentence(self, turn_id: str, sentence: str, llm_started: float,

@@ -172,6 +172,33 @@ class GatedClassifier:
         return self.floor.above(frame, self.margin_db) and self.classifier.is_speech(frame)
 
 
+class RecentAudio:
+    """The last ``limit_bytes`` of audio, kept as whole blocks (the oldest dropped once the
+    rest still holds the limit): the pre-roll before an utterance, the context before a wake
+    word."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._blocks: deque[bytes] = deque()
+        self._bytes = 0
+
+    def append(self, block: bytes) -> None:
+        self._blocks.append(block)
+        self._bytes += len(block)
+        while self._blocks and self._bytes - len(self._blocks[0]) >= self.limit_bytes:
+            self._bytes -= len(self._blocks.popleft())
+
+    def take(self) -> bytes:
+        """All of it, joined; then it is empty."""
+        audio = b"".join(self._blocks)
+        self.clear()
+        return audio
+
+    def clear(self) -> None:
+        self._blocks.clear()
+        self._bytes = 0
+
+
 @dataclass
 class EndpointResult:
     state: SegmentState
@@ -188,14 +215,14 @@ class Endpointer:
         self.settings = settings
         self.classifier = classifier
         self.segmenter = SpeechSegmenter(settings)
-        self._pre_roll: deque[bytes] = deque()
-        self._pre_roll_bytes = 0
+        # the speech that starts an utterance is itself still in the pre-roll when it starts
+        window_s = settings.pre_roll_s + settings.speech_start_s
+        self._pre_roll = RecentAudio(int(window_s * SAMPLE_RATE) * BYTES_PER_SAMPLE)
         self._utterance = bytearray()
 
     def reset(self) -> None:
         self.segmenter.reset()
         self._pre_roll.clear()
-        self._pre_roll_bytes = 0
         self._utterance.clear()
 
     def feed(self, block: bytes) -> SegmentState:
@@ -204,11 +231,10 @@ class Endpointer:
         state = self.segmenter.process(chunk_s, self.classifier.is_speech(block))
         if before is SegmentState.WAITING:
             if state is SegmentState.SPEECH:
-                self._utterance.extend(b"".join(self._pre_roll))
+                self._utterance.extend(self._pre_roll.take())
                 self._utterance.extend(block)
-                self._pre_roll.clear()
             else:
-                self._keep_pre_roll(block)
+                self._pre_roll.append(block)
         elif before is SegmentState.SPEECH:
             if state is SegmentState.SPEECH or state is SegmentState.ENDED:
                 self._utterance.extend(block)
@@ -225,12 +251,3 @@ class Endpointer:
             keep = max(len(audio) - trailing + int(0.2 * SAMPLE_RATE) * BYTES_PER_SAMPLE, 0)
             audio = audio[:keep]
         return EndpointResult(seg.state, audio, seg.speech_start_s, seg.speech_end_s, seg.audio_s)
-
-    def _keep_pre_roll(self, block: bytes) -> None:
-        # the speech that starts an utterance is itself still in the pre-roll when it starts
-        window_s = self.settings.pre_roll_s + self.settings.speech_start_s
-        limit = int(window_s * SAMPLE_RATE) * BYTES_PER_SAMPLE
-        self._pre_roll.append(block)
-        self._pre_roll_bytes += len(block)
-        while self._pre_roll and self._pre_roll_bytes - len(self._pre_roll[0]) >= limit:
-            self._pre_roll_bytes -= len(self._pre_roll.popleft())

@@ -19,6 +19,7 @@ import numpy as np
 
 from companion.models import ModelRegistry
 from companion.settings import WakeSettings
+from companion.stages.vad import RecentAudio, SpeechClassifier, WebRtcVad
 
 CHUNK_SAMPLES = 1280  # 80 ms at 16 kHz, openWakeWord's frame
 SAMPLE_RATE = 16000
@@ -77,12 +78,10 @@ class SpeechGate:
     # "hey jarvis" 30 or more; the context holds the word's start, so opening mid-word is in time
     START_BLOCKS, WINDOW_BLOCKS = 8, 12
 
-    def __init__(self, classifier, *, context_s: float, hold_s: float) -> None:
+    def __init__(self, classifier: SpeechClassifier, *, context_s: float, hold_s: float) -> None:
         self.classifier = classifier
-        self.context_bytes = int(context_s * SAMPLE_RATE) * 2
         self.hold_s = hold_s
-        self._context: deque[bytes] = deque()
-        self._context_len = 0
+        self._context = RecentAudio(int(context_s * SAMPLE_RATE) * 2)
         self._recent: deque[bool] = deque(maxlen=self.WINDOW_BLOCKS)
         self.open = False
         self._quiet_s = 0.0
@@ -97,13 +96,10 @@ class SpeechGate:
                 self.reset()
             return block, False
         self._context.append(block)
-        self._context_len += len(block)
-        while self._context_len - len(self._context[0]) >= self.context_bytes:
-            self._context_len -= len(self._context.popleft())
         self._recent.append(speech)
         if sum(self._recent) < self.START_BLOCKS:
             return None, False
-        audio = b"".join(self._context)
+        audio = self._context.take()
         self.reset()
         self.open = True
         return audio, True
@@ -111,7 +107,6 @@ class SpeechGate:
     def reset(self) -> None:
         self.open = False
         self._context.clear()
-        self._context_len = 0
         self._recent.clear()
         self._quiet_s = 0.0
 
@@ -161,8 +156,6 @@ class OpenWakeWordDetector:
         self.chunks_scored = 0  # what openWakeWord cost: 80 ms chunks it scored
         self._gate = None
         if settings.speech_gate:
-            from companion.stages.vad import WebRtcVad
-
             # lenient (mode 1): a quiet "hey" must open the gate; noise only costs CPU
             self._gate = SpeechGate(WebRtcVad(1), context_s=settings.gate_context_s,
                                     hold_s=settings.gate_hold_s)
