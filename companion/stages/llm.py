@@ -120,6 +120,8 @@ class LlamaCppChatModel:
         self.model_path = resolved.file
         self.settings = settings
         self.gate = gate or ComputeGate()
+        self._closing = threading.Lock()  # tokenizing vs freeing the model
+        self._closed = False
         self._llama = Llama(
             model_path=str(resolved.file), n_ctx=settings.context_length,
             n_threads=settings.threads, n_batch=512, verbose=False,
@@ -157,7 +159,12 @@ class LlamaCppChatModel:
         return len(self._tokenize(text))
 
     def _tokenize(self, text: str) -> list[int]:
-        return self._llama.tokenize(text.encode(), add_bos=False, special=True)
+        # the model must not be freed under a tokenizer (close() on shutdown while a record
+        # counted tokens in a worker thread: a segfault in a CI run)
+        with self._closing:
+            if self._closed:
+                raise RuntimeError(f"{self.model_name}: the model is closed")
+            return self._llama.tokenize(text.encode(), add_bos=False, special=True)
 
     async def stream(
         self, messages: list[ChatMessage], params: SamplingParams,
@@ -218,7 +225,9 @@ class LlamaCppChatModel:
         cancelled) and free the model. App.aclose calls it in a worker thread."""
         self._worker.close()
         self._prefix_states.clear()
-        self._llama.close()
+        with self._closing:
+            self._closed = True
+            self._llama.close()
 
     def prompt_tokens(self, messages: list[ChatMessage]) -> tuple[list[int], list[str]]:
         """The tokens llama.cpp evaluates for ``messages`` and the template's stop strings.
